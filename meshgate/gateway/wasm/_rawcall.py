@@ -1,0 +1,253 @@
+"""The one place that touches wasmtime's unchecked C API through the package's ctypes bindings.
+
+Why this module exists (docs/decisions/0200-wasmtime-unchecked-call-path.md): with
+wasmtime 50.0.1 a call into wasm through ``Func.__call__`` re-reads the function type,
+converts every argument to a ``wasmtime_val_t`` and back, and a host function defined
+through ``Linker.define_func`` goes through the same generic trampoline. The unchecked
+entry points (``wasmtime_func_call_unchecked``, ``wasmtime_linker_define_func_unchecked``)
+take a flat ``wasmtime_val_raw_t`` array that we allocate once per function and reuse, so
+a crossing costs a handful of ctypes operations.
+
+These bindings are not wasmtime-py's public API. The version is pinned in pyproject.toml
+and ``tests/unit/wasm/test_rawcall.py`` exercises this module directly, so an upgrade that
+changes them fails loudly there. Nothing else in meshgate imports ``wasmtime._bindings``.
+
+Signatures are written as strings of value types: ``"i"`` for i32, ``"I"`` for i64; e.g.
+``params="iIi", results="i"``. i32 values cross as *unsigned* Python ints (pointers and
+sizes in wasm32 are unsigned), i64 values as signed ints.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+from wasmtime import _bindings as ffi
+from wasmtime import _func as wasmtime_func
+
+_U32 = 0xFFFFFFFF
+_VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}
+
+HostCallable = Callable[..., int | None]
+
+
+class WasmTrap(Exception):
+    """Wasm code trapped (unreachable, out-of-bounds, epoch deadline, host-raised trap).
+
+    ``message`` is wasmtime's trap text; ``cause`` is the Python exception a host function
+    raised, if that is what stopped the guest.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.cause = cause
+
+
+class HostAbort(Exception):
+    """Raised by a host function to stop the guest with a trap (e.g. WASI ``proc_exit``)."""
+
+
+# A host function that raised stores its exception here so the caller of the outermost
+# wasm entry can re-raise it; wasmtime only carries a trap message across the boundary.
+_pending_exception: list[BaseException] = []
+
+
+def _trap_from_ptr(trap: Any) -> WasmTrap:
+    message = wasmtime.Trap._from_ptr(trap).message
+    cause = _pending_exception.pop() if _pending_exception else None
+    if cause is not None:
+        message = f"{message}: {cause}"
+    return WasmTrap(message, cause)
+
+
+def _error_from_ptr(error: Any) -> WasmTrap:
+    message = str(wasmtime.WasmtimeError._from_ptr(error))
+    cause = _pending_exception.pop() if _pending_exception else None
+    if cause is not None:
+        message = f"{cause}"
+    return WasmTrap(message, cause)
+
+
+class RawFunc:
+    """An exported wasm function, called through ``wasmtime_func_call_unchecked``.
+
+    The argument/result array is allocated once and reused; a ``RawFunc`` is therefore
+    not re-entrant for the *same* export, which the proxy-wasm ABI never needs (the host
+    never calls ``proxy_on_request_headers`` from inside ``proxy_on_request_headers``).
+    ``malloc`` is the exception: the host may call it from a host function while the
+    plugin is inside a callback, which is a different export with its own array.
+    """
+
+    __slots__ = ("name", "_ctx", "_func", "_func_ref", "_vals", "_params", "_results",
+                 "_trap", "_trap_ref", "_call")
+
+    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, name: str) -> None:
+        ty = func.type(store)
+        self.name = name
+        self._params = "".join("I" if str(p) == "i64" else "i" for p in ty.params)
+        self._results = "".join("I" if str(r) == "i64" else "i" for r in ty.results)
+        self._ctx = store._context()
+        self._func = func._func  # keep the wasmtime_func_t struct alive
+        self._func_ref = ctypes.byref(self._func)
+        n = max(len(self._params), len(self._results), 1)
+        self._vals = (ffi.wasmtime_val_raw_t * n)()
+        self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+        self._trap_ref = ctypes.byref(self._trap)
+        self._call = ffi._wasmtime_func_call_unchecked
+
+    @property
+    def params(self) -> str:
+        return self._params
+
+    @property
+    def results(self) -> str:
+        return self._results
+
+    def __call__(self, *args: int) -> int | None:
+        """Call with integer arguments; return the single result (unsigned for i32) or None."""
+        vals = self._vals
+        params = self._params
+        if len(args) != len(params):
+            raise TypeError(f"{self.name}: expected {len(params)} arguments, got {len(args)}")
+        for i, a in enumerate(args):
+            if params[i] == "i":
+                vals[i].i32 = a
+            else:
+                vals[i].i64 = a
+        error = self._call(self._ctx, self._func_ref, vals, len(vals), self._trap_ref)
+        if error:
+            raise _error_from_ptr(error)
+        if self._trap:
+            trap = self._trap
+            self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
+            self._trap_ref = ctypes.byref(self._trap)
+            raise _trap_from_ptr(trap)
+        if not self._results:
+            return None
+        if self._results[0] == "i":
+            return vals[0].i32 & _U32
+        return vals[0].i64
+
+
+def _make_trampoline(params: str, results: str, fn: HostCallable) -> Any:
+    """Build the C callback for one host function.
+
+    The argument reads are generated per signature so the hot path is one Python call with
+    plain ints and no per-argument type dispatch.
+    """
+    reads = ", ".join(
+        f"a[{i}].i32 & {_U32}" if t == "i" else f"a[{i}].i64" for i, t in enumerate(params)
+    )
+    if not results:
+        store = "fn(" + reads + ")"
+    elif results == "i":
+        store = "a[0].i32 = fn(" + reads + ")"
+    else:
+        store = "a[0].i64 = fn(" + reads + ")"
+    src = (
+        "def trampoline(env, caller, a, n):\n"
+        "    try:\n"
+        f"        {store}\n"
+        "        return 0\n"
+        "    except BaseException as e:\n"
+        "        return fail(e)\n"
+    )
+    namespace: dict[str, Any] = {"fn": fn, "fail": _fail}
+    exec(src, namespace)  # noqa: S102 - generated from the signature string only
+    return ffi.wasmtime_func_unchecked_callback_t(namespace["trampoline"])
+
+
+def _fail(exc: BaseException) -> int:
+    """Turn a Python exception raised by a host function into a wasm trap."""
+    _pending_exception.append(exc)
+    trap = wasmtime.Trap(f"host function raised {type(exc).__name__}")._consume()
+    return ctypes.cast(trap, ctypes.c_void_p).value or 0
+
+
+_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+
+
+class HostFunctionTable:
+    """Host functions defined on a ``wasmtime.Linker`` through the unchecked C API.
+
+    Keeps every ctypes callback object alive for as long as the linker is (wasmtime holds
+    only a raw pointer to it).
+    """
+
+    def __init__(self, linker: wasmtime.Linker) -> None:
+        self._linker = linker
+        self._callbacks: list[Any] = []
+
+    def define(self, module: str, name: str, params: str, results: str,
+               fn: HostCallable) -> None:
+        ty = wasmtime.FuncType([_VALTYPES[p]() for p in params],
+                               [_VALTYPES[r]() for r in results])
+        cb = _make_trampoline(params, results, fn)
+        self._callbacks.append((cb, ty))
+        m, n = module.encode(), name.encode()
+        error = ffi.wasmtime_linker_define_func_unchecked(
+            self._linker.ptr(), m, len(m), n, len(n), ty.ptr(), cb, None, _NO_FINALIZER)
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
+
+
+class GuestMemoryError(Exception):
+    """A pointer/length pair from the plugin falls outside its linear memory."""
+
+
+class GuestMemory:
+    """Bounds-checked reads and writes of a plugin's linear memory.
+
+    The engine is configured with ``memory_may_move = False`` so the base address is
+    stable for the store's life; only the size grows, and we re-read it when an access
+    falls past the size we last saw.
+    """
+
+    __slots__ = ("_ctx", "_mem", "_mem_ref", "base", "size")
+
+    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        self._ctx = store._context()
+        self._mem = memory._memory
+        self._mem_ref = ctypes.byref(self._mem)
+        self.base = ctypes.addressof(ffi.wasmtime_memory_data(self._ctx, self._mem_ref).contents)
+        self.size = ffi.wasmtime_memory_data_size(self._ctx, self._mem_ref)
+
+    def _check(self, ptr: int, length: int) -> None:
+        if ptr + length > self.size:
+            self.size = ffi.wasmtime_memory_data_size(self._ctx, self._mem_ref)
+            if ptr + length > self.size:
+                raise GuestMemoryError(f"[{ptr}, {ptr + length}) outside memory of {self.size}")
+
+    def read(self, ptr: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        self._check(ptr, length)
+        return ctypes.string_at(self.base + ptr, length)
+
+    def write(self, ptr: int, data: bytes) -> None:
+        self._check(ptr, len(data))
+        ctypes.memmove(self.base + ptr, data, len(data))
+
+    def read_u32(self, ptr: int) -> int:
+        self._check(ptr, 4)
+        return ctypes.c_uint32.from_address(self.base + ptr).value
+
+    def write_u32(self, ptr: int, value: int) -> None:
+        self._check(ptr, 4)
+        ctypes.c_uint32.from_address(self.base + ptr).value = value & _U32
+
+    def write_u64(self, ptr: int, value: int) -> None:
+        self._check(ptr, 8)
+        ctypes.c_uint64.from_address(self.base + ptr).value = value & 0xFFFFFFFFFFFFFFFF
+
+
+def context_pointer_value(store: wasmtime.Store) -> int:
+    """Address of the store's context (tests compare it with a caller's context)."""
+    return ctypes.cast(store._context(), ctypes.c_void_p).value or 0
+
+
+# Re-exported so tests and the benchmark can compare against the generic path.
+GENERIC_TRAMPOLINE = wasmtime_func.trampoline
