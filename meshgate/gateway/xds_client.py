@@ -133,6 +133,7 @@ class XdsClient:
         *,
         delta: bool = True,
         backoff: Backoff | None = None,
+        on_outcome: Callable[[str, str], None] | None = None,
     ) -> None:
         self.target = target
         self.delta = delta
@@ -141,6 +142,7 @@ class XdsClient:
         )
         self._sink = sink
         self._backoff = backoff or Backoff()
+        self._on_outcome = on_outcome or (lambda _type, _outcome: None)
         self.types: dict[str, TypeState] = {t: TypeState() for t in _DECODERS}
         self._subscribed: dict[str, set[str]] = {t: set() for t in NAMED_TYPES}
         self.connected = False
@@ -260,6 +262,7 @@ class XdsClient:
             state.last_error = str(exc)
             log.error("NACK %s nonce %s: %s", _short(type_url), response.nonce, exc)
             outbox.put_nowait(self._reply(type_url, str(exc)))
+            self._on_outcome(_short(type_url), "nack")
             return
         state.resources, state.versions, state.last_error = merged, versions, ""
         state.version_info = response.system_version_info if self.delta else response.version_info
@@ -268,6 +271,7 @@ class XdsClient:
             "ACK %s version %s (%d resources)", _short(type_url), state.version_info, len(merged)
         )
         outbox.put_nowait(self._reply(type_url, None))
+        self._on_outcome(_short(type_url), "ack")
         self._resubscribe(outbox)
 
     def _merge(self, type_url: str, response: Any) -> tuple[dict[str, Any], dict[str, str]]:

@@ -1,0 +1,269 @@
+"""The wasm filter chain of a listener, driven from the data path.
+
+Plugins run in filter order on the request and in reverse order on the response, as in
+Envoy. A plugin that stops a stream to see its body (`StopAndBuffer`) makes the data path
+buffer that body, within a limit; otherwise bodies stream and plugins see headers only.
+The proxy-wasm host (`meshgate.gateway.wasm`) knows nothing of aiohttp: this module
+turns aiohttp requests into `HeaderMap`s with pseudo-headers and the host's actions back
+into what the data path does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+from prometheus_client import CollectorRegistry
+from yarl import URL
+
+from meshgate.gateway.plugin_resources import PluginBinaryCache, PluginResource
+from meshgate.gateway.resources import UnsupportedConfig
+
+if TYPE_CHECKING:
+    from meshgate.gateway.config import ConfigHolder
+
+log = logging.getLogger("meshgate.sidecar.plugins")
+
+
+@dataclass(frozen=True)
+class LocalReply:
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    details: str = ""
+
+
+def _wasm() -> Any:
+    # Imported late: the host module pulls in wasmtime, which a sidecar without plugins
+    # (and the unit tests of routing) never needs.
+    from meshgate.gateway import wasm
+
+    return wasm
+
+
+def _as_reply(action: Any) -> LocalReply | None:
+    """The host's action → None (carry on) or the reply the client gets."""
+    wasm = _wasm()
+    if isinstance(action, wasm.LocalReply):
+        headers = tuple((k, v) for k, v in action.headers if not k.startswith(":"))
+        return LocalReply(action.status, headers, bytes(action.body or b""), action.details or "")
+    return None
+
+
+def _is_buffer(action: Any) -> bool:
+    return isinstance(action, _wasm().StopAndBuffer)
+
+
+class PluginChain:
+    """One request's streams, one per plugin of the listener."""
+
+    def __init__(self, streams: list[Any]) -> None:
+        self.streams = streams
+        self.path: str | None = None
+        self.status: int | None = None
+        self.wants_request_body = False
+        self.wants_response_body = False
+        self._request_map: Any = None
+        self._response_map: Any = None
+
+    @classmethod
+    def start(cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any) -> PluginChain:
+        wasm = _wasm()
+        ctx = span.get_span_context()
+        traceparent = (
+            f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+            if ctx.is_valid
+            else None
+        )
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        sock = request.transport.get_extra_info("sockname") if request.transport else None
+        info = wasm.StreamInfo(
+            source_address=f"{peer[0]}:{peer[1]}" if peer else "",
+            destination_address=f"{sock[0]}:{sock[1]}" if sock else "",
+            request_id=request.headers.get("x-request-id", ""),
+            traceparent=traceparent,
+            tracestate=str(ctx.trace_state.to_header()) if ctx.is_valid else None,
+            span=span,
+        )
+        return cls([p.new_stream(info) for p in plugins])
+
+    async def request_headers(
+        self, method: str, path: str, headers: CIMultiDict[str], request: web.BaseRequest
+    ) -> LocalReply | None:
+        wasm = _wasm()
+        pairs = [(":method", method), (":path", path), (":authority", request.host),
+                 (":scheme", request.scheme)]  # fmt: skip
+        hmap = wasm.HeaderMap(pairs + [(k, v) for k, v in headers.items()])
+        end = not request.body_exists
+        for stream in self.streams:
+            action = await stream.request_headers(hmap, end)
+            reply = _as_reply(action)
+            if reply is not None:
+                return reply
+            self.wants_request_body |= _is_buffer(action) and not end
+        self.path = hmap.get(":path")
+        _write_back(hmap, headers)
+        return None
+
+    async def request_body(self, body: bytes) -> tuple[LocalReply | None, bytes]:
+        for stream in self.streams:
+            action, body = await _body_call(stream.request_body, body)
+            reply = _as_reply(action)
+            if reply is not None:
+                return reply, body
+        return None, body
+
+    async def response_headers(self, status: int, headers: CIMultiDict[str]) -> LocalReply | None:
+        wasm = _wasm()
+        hmap = wasm.HeaderMap([(":status", str(status))] + list(headers.items()))
+        for stream in reversed(self.streams):
+            action = await stream.response_headers(hmap, False)
+            reply = _as_reply(action)
+            if reply is not None:
+                return reply
+            self.wants_response_body |= _is_buffer(action)
+        new_status = hmap.get(":status")
+        self.status = int(new_status) if new_status and new_status.isdigit() else None
+        _write_back(hmap, headers)
+        return None
+
+    async def response_body(self, body: bytes) -> tuple[LocalReply | None, bytes]:
+        for stream in reversed(self.streams):
+            action, body = await _body_call(stream.response_body, body)
+            reply = _as_reply(action)
+            if reply is not None:
+                return reply, body
+        return None, body
+
+    def finish(self) -> None:
+        for stream in self.streams:
+            try:
+                stream.finish()
+            except Exception:  # a plugin failing in on_done must not fail the response
+                log.exception("plugin stream finish failed")
+
+
+async def _body_call(method: Any, body: bytes) -> tuple[Any, bytes]:
+    """Call a body callback with the whole body; the host may hand back an edited body."""
+    result = await method(body, True)
+    if isinstance(result, tuple):
+        return result[0], bytes(result[1])
+    return result, body
+
+
+def _write_back(hmap: Any, headers: CIMultiDict[str]) -> None:
+    headers.clear()
+    for name, value in hmap.items():
+        if not name.startswith(":"):
+            headers.add(name, value)
+
+
+class ClusterCallDispatcher:
+    """`proxy_http_call` for plugins: sent through the current config's clusters."""
+
+    def __init__(self, holder: ConfigHolder) -> None:
+        self.holder = holder
+
+    def has_cluster(self, name: str) -> bool:
+        current = self.holder.current
+        return current is not None and name in current.clusters
+
+    async def __call__(
+        self,
+        cluster: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        trailers: list[tuple[str, str]],
+        timeout_s: float,
+    ) -> tuple[list[tuple[str, str]], bytes, list[tuple[str, str]]]:
+        current = self.holder.current
+        upstream = current.clusters.get(cluster) if current else None
+        if upstream is None:
+            raise LookupError(f"unknown cluster {cluster!r}")
+        pseudo = {k: v for k, v in headers if k.startswith(":")}
+        plain = CIMultiDict((k, v) for k, v in headers if not k.startswith(":"))
+        if ":authority" in pseudo:
+            plain["host"] = pseudo[":authority"]
+        endpoint = upstream.pick()
+        url = URL(f"http://{endpoint.host}:{endpoint.port}{pseudo.get(':path', '/')}", encoded=True)
+        async with asyncio.timeout(timeout_s):
+            async with upstream.session.request(
+                pseudo.get(":method", "GET"), url, headers=plain, data=body or None,
+                allow_redirects=False,
+            ) as resp:  # fmt: skip
+                data = await resp.read()
+                out = [(":status", str(resp.status))] + [
+                    (k.lower(), v) for k, v in resp.headers.items()
+                ]
+                return out, data, []
+
+
+class PluginLoader:
+    """Plugin VMs by resource: fetched, sha256-checked, instantiated, reused across updates."""
+
+    def __init__(self, holder: ConfigHolder, registry: CollectorRegistry, options: Any) -> None:
+        self.holder = holder
+        self.binaries = PluginBinaryCache()
+        self._registry = registry
+        self._options = options
+        self._services: Any = None
+        self._hosts: dict[PluginResource, Any] = {}
+
+    def services(self) -> Any:
+        if self._services is None:
+            wasm = _wasm()
+            self._services = wasm.HostServices(
+                http_dispatcher=ClusterCallDispatcher(self.holder),
+                node_id=self._options.node_id,
+                node_cluster=self._options.node_cluster,
+                metrics_registry=self._registry,
+            )
+        return self._services
+
+    async def load_all(self, resources: dict[str, PluginResource]) -> None:
+        """Load every plugin of an ECDS response, or raise naming the one that failed."""
+        for plugin in resources.values():
+            if plugin not in self._hosts:
+                self._hosts[plugin] = await self._load(plugin)
+        live = set(resources.values())
+        for plugin in set(self._hosts) - live:
+            # The host's VMs are dropped when no snapshot references them any more.
+            del self._hosts[plugin]
+        self.binaries.retain({p.sha256 for p in live})
+
+    async def _load(self, plugin: PluginResource) -> Any:
+        data = await self.binaries.fetch(plugin)
+        wasm = _wasm()
+        spec = wasm.PluginSpec(
+            name=plugin.name,
+            wasm=data,
+            configuration=plugin.configuration,
+            root_id=plugin.root_id,
+            vm_id=plugin.vm_id,
+            vm_configuration=plugin.vm_configuration,
+            fail_open=plugin.fail_open,
+        )
+        try:
+            return await wasm.PluginHost.create(spec, self.services())
+        except wasm.PluginLoadError as exc:
+            raise UnsupportedConfig(
+                f"plugin '{plugin.name}' (sha256 {plugin.sha256[:12]}...): {exc}"
+            ) from exc
+
+    def loaded(self, view: Any) -> dict[str, Any]:
+        from meshgate.gateway.resources import ECDS_TYPE
+
+        return {
+            name: self._hosts[plugin]
+            for name, plugin in view.of(ECDS_TYPE).items()
+            if plugin in self._hosts
+        }
+
+    def close(self) -> None:
+        if self._services is not None:
+            self._services.close()

@@ -1,0 +1,359 @@
+"""The data path: one aiohttp handler per listener, proxying HTTP/1.1 to clusters.
+
+Bodies stream both ways; they are buffered only when a plugin asks for them, up to
+`DataPathSettings.max_buffered_body` (413 beyond it). Errors the sidecar generates say
+why in the `x-meshgate-error` header and in the log, with Envoy's status codes: 404 no
+route, 503 no cluster / no healthy endpoint / connect failure, 504 upstream timeout,
+502 upstream reset or malformed response, 408 a client too slow to send its body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from yarl import URL
+
+from meshgate.gateway.config import ConfigHolder, ListenerConfig, SidecarConfig
+from meshgate.gateway.filters import LocalReply, PluginChain
+from meshgate.gateway.metrics import SidecarMetrics
+from meshgate.gateway.resources import Endpoint, Route
+from meshgate.gateway.upstream import NoHealthyUpstream, UpstreamCluster
+
+log = logging.getLogger("meshgate.sidecar.proxy")
+ERROR_HEADER = "x-meshgate-error"
+_PROPAGATOR = TraceContextTextMapPropagator()
+# RFC 9110 §7.6.1 connection-specific fields, plus the ones HTTP/1.1 proxies drop.
+HOP_BY_HOP = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "proxy-authenticate",
+     "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade")
+)  # fmt: skip
+SMALL_BODY = 64 * 1024  # responses up to this size are read whole and sent in one write
+
+
+@dataclass(frozen=True)
+class DataPathSettings:
+    max_buffered_body: int = 1024 * 1024
+    body_idle_timeout_s: float = 30.0
+
+
+class ProxyError(Exception):
+    """A response the sidecar makes itself; `cause` goes to the header and the log."""
+
+    def __init__(self, status: int, cause: str, detail: str = "") -> None:
+        super().__init__(f"{status} {cause}: {detail}")
+        self.status, self.cause, self.detail = status, cause, detail
+
+
+def strip_hop_by_hop(headers: CIMultiDict[str] | aiohttp.typedefs.LooseHeaders) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict(headers)
+    for name in out.getall("connection", ()):
+        for token in name.split(","):
+            out.popall(token.strip(), None)
+    for name in HOP_BY_HOP:
+        out.popall(name, None)
+    return out
+
+
+class DataPath:
+    """Owns nothing long-lived; reads the current config snapshot per request."""
+
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        metrics: SidecarMetrics,
+        settings: DataPathSettings | None = None,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self.settings = settings or DataPathSettings()
+        self.tracer = tracer or trace.get_tracer("meshgate.sidecar")
+
+    def handler(self, listener: str) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            return await self.handle(listener, request)
+
+        return handle
+
+    async def handle(self, listener_name: str, request: web.BaseRequest) -> web.StreamResponse:
+        config = self.holder.current
+        lc = config.listeners.get(listener_name) if config else None
+        if config is None or lc is None:
+            return _error_response(ProxyError(503, "listener_not_configured", listener_name))
+        config.inflight += 1
+        started = time.perf_counter()
+        parent = _PROPAGATOR.extract(request.headers)
+        span = self.tracer.start_span(
+            f"{request.method} {listener_name}", context=parent, kind=SpanKind.SERVER
+        )
+        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        cluster_name, response = "", None
+        try:
+            cluster_name, response = await self._proxy(config, lc, request, span)
+            return response
+        finally:
+            otel_context.detach(token)
+            config.inflight -= 1
+            status = response.status if response is not None else 499
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            self.metrics.observe_request(
+                listener_name, cluster_name, status, time.perf_counter() - started, span
+            )
+
+    async def _proxy(
+        self, config: SidecarConfig, lc: ListenerConfig, request: web.BaseRequest, span: trace.Span
+    ) -> tuple[str, web.StreamResponse]:
+        headers = request.headers
+        route = lc.routes.select(request.host, request.raw_path, headers)  # type: ignore[arg-type]
+        if route is None:
+            return "", _error_response(ProxyError(404, "no_route", request.raw_path))
+        span.set_attribute("meshgate.route", route.name)
+        cluster = config.clusters.get(route.cluster)
+        if cluster is None:
+            return route.cluster, _error_response(
+                ProxyError(503, "cluster_not_found", route.cluster)
+            )
+        up_headers = self._upstream_headers(request)
+        chain = PluginChain.start(lc.plugins, request, span) if lc.plugins else None
+        try:
+            return route.cluster, await self._exchange(request, route, cluster, up_headers, chain)
+        except ProxyError as exc:
+            log.warning("%s %s → %s", request.method, request.raw_path, exc)
+            return route.cluster, _error_response(exc)
+        finally:
+            if chain is not None:
+                chain.finish()
+
+    def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
+        out = strip_hop_by_hop(request.headers)
+        peer = request.remote or ""
+        prior = out.get("x-forwarded-for")
+        out["x-forwarded-for"] = f"{prior}, {peer}" if prior else peer
+        if "x-forwarded-proto" not in out:
+            out["x-forwarded-proto"] = request.scheme
+        if "x-request-id" not in out:
+            out["x-request-id"] = uuid.uuid4().hex
+        _PROPAGATOR.inject(out)
+        return out
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        route: Route,
+        cluster: UpstreamCluster,
+        up_headers: CIMultiDict[str],
+        chain: PluginChain | None,
+    ) -> web.StreamResponse:
+        path = route.rewrite(request.raw_path)
+        body: bytes | AsyncIterator[bytes] | None = None
+        if chain is not None:
+            reply = await chain.request_headers(request.method, path, up_headers, request)
+            if reply is not None:
+                return _local_reply(reply, up_headers)
+            path = chain.path or path
+            if chain.wants_request_body:
+                body = await self._buffer_request(request)
+                reply, body = await chain.request_body(body)
+                if reply is not None:
+                    return _local_reply(reply, up_headers)
+                up_headers["content-length"] = str(len(body))
+        if body is None and request.body_exists:
+            body = _body_stream(request, self.settings.body_idle_timeout_s)
+        upstream = await self._send(request.method, path, route, cluster, up_headers, body)
+        try:
+            return await self._respond(request, upstream, chain, up_headers)
+        finally:
+            upstream.release()
+
+    async def _buffer_request(self, request: web.BaseRequest) -> bytes:
+        limit = self.settings.max_buffered_body
+        if (request.content_length or 0) > limit:
+            raise ProxyError(413, "request_body_too_large", f"content-length over {limit}")
+        data = bytearray()
+        async for chunk in _body_stream(request, self.settings.body_idle_timeout_s):
+            data += chunk
+            if len(data) > limit:
+                raise ProxyError(413, "request_body_too_large", f"body over {limit} bytes")
+        return bytes(data)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        route: Route,
+        cluster: UpstreamCluster,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        endpoint = _pick(cluster)
+        timeout_s = route.timeout_s
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s, sock_connect=cluster.spec.connect_timeout_s
+        )
+        url = URL(f"http://{endpoint.host}:{endpoint.port}{path}", encoded=True)
+        cluster.started(endpoint)
+        try:
+            return await cluster.session.request(
+                method, url, headers=headers, data=body, timeout=timeout,
+                allow_redirects=False, compress=None, auto_decompress=False,
+            )  # fmt: skip
+        except BodyStreamError as exc:
+            raise ProxyError(exc.status, exc.cause, str(exc)) from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise ProxyError(503, "upstream_connect_timeout", f"{endpoint}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ProxyError(
+                503, "upstream_connect_failure", f"{endpoint}: {exc.os_error}"
+            ) from exc
+        except TimeoutError as exc:
+            raise ProxyError(504, "upstream_timeout", f"{endpoint} after {timeout_s}s") from exc
+        except aiohttp.ClientError as exc:
+            cause = _body_cause(exc)
+            if cause is not None:
+                raise ProxyError(*cause, str(exc)) from exc
+            raise ProxyError(502, "upstream_reset", f"{endpoint}: {exc!r}") from exc
+        finally:
+            cluster.finished(endpoint)
+
+    async def _respond(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        chain: PluginChain | None,
+        req_headers: CIMultiDict[str],
+    ) -> web.StreamResponse:
+        headers = strip_hop_by_hop(upstream.headers)
+        status = upstream.status
+        if chain is not None:
+            reply = await chain.response_headers(status, headers)
+            if reply is not None:
+                return _local_reply(reply, req_headers)
+            status = chain.status or status
+            if chain.wants_response_body:
+                body = await self._read_upstream(upstream)
+                reply, body = await chain.response_body(body)
+                if reply is not None:
+                    return _local_reply(reply, req_headers)
+                headers.popall("content-length", None)
+                return web.Response(status=status, headers=headers, body=body)
+        length = upstream.content_length
+        if request.method == "HEAD" or status in (204, 304):
+            return web.Response(status=status, headers=headers)
+        if length is not None and length <= SMALL_BODY:
+            body = await self._read_upstream(upstream)
+            headers.popall("content-length", None)
+            return web.Response(status=status, headers=headers, body=body)
+        return await self._stream(request, upstream, status, headers)
+
+    async def _read_upstream(self, upstream: aiohttp.ClientResponse) -> bytes:
+        limit = self.settings.max_buffered_body
+        try:
+            data = await upstream.content.read(limit + 1)
+            if len(data) > limit:
+                raise ProxyError(502, "upstream_body_too_large", f"over {limit} bytes")
+            # read(n) may return early; drain the rest within the limit.
+            while not upstream.content.at_eof():
+                data += await upstream.content.read(limit + 1 - len(data))
+                if len(data) > limit:
+                    raise ProxyError(502, "upstream_body_too_large", f"over {limit} bytes")
+            return data
+        except TimeoutError as exc:
+            raise ProxyError(504, "upstream_timeout", "while reading the body") from exc
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, "upstream_reset", f"while reading the body: {exc!r}") from exc
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        status: int,
+        headers: CIMultiDict[str],
+    ) -> web.StreamResponse:
+        length = upstream.content_length
+        headers.popall("content-length", None)
+        response = web.StreamResponse(status=status, headers=headers)
+        if length is not None:
+            response.content_length = length
+        await response.prepare(request)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are out: the only honest signal left is to cut the connection.
+            log.warning("upstream failed mid-body for %s: %r", request.raw_path, exc)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+
+
+class BodyStreamError(Exception):
+    def __init__(self, status: int, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.cause = status, cause
+
+
+async def _body_stream(request: web.BaseRequest, idle_s: float) -> AsyncIterator[bytes]:
+    """The client's body, chunk by chunk, failing clearly on a stall or a broken body."""
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await content.readany()
+        except TimeoutError as exc:
+            raise BodyStreamError(408, "downstream_body_timeout", f"no body for {idle_s}s") from exc
+        except (ConnectionError, aiohttp.ClientConnectionError) as exc:
+            raise BodyStreamError(400, "downstream_disconnect", repr(exc)) from exc
+        except Exception as exc:  # the parser's errors: bad chunked encoding, short body
+            raise BodyStreamError(400, "downstream_bad_body", repr(exc)) from exc
+        if not chunk:
+            return
+        yield chunk
+
+
+def _body_cause(exc: BaseException) -> tuple[int, str] | None:
+    """aiohttp wraps an error raised while writing the body; find ours inside it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, BodyStreamError):
+            return seen.status, seen.cause
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _pick(cluster: UpstreamCluster) -> Endpoint:
+    try:
+        return cluster.pick()
+    except NoHealthyUpstream as exc:
+        raise ProxyError(503, "no_healthy_upstream", cluster.spec.name) from exc
+
+
+def _error_response(exc: ProxyError) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        text=f"{exc.cause}\n",
+        headers={ERROR_HEADER: exc.cause},
+    )
+
+
+def _local_reply(reply: LocalReply, req_headers: CIMultiDict[str]) -> web.Response:
+    headers = CIMultiDict(reply.headers)
+    if reply.details:
+        headers.setdefault(ERROR_HEADER, reply.details)
+    return web.Response(status=reply.status, headers=headers, body=reply.body)
