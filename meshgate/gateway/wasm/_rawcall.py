@@ -20,6 +20,7 @@ sizes in wasm32 are unsigned), i64 values as signed ints.
 from __future__ import annotations
 
 import ctypes
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from wasmtime import _bindings as ffi
 from wasmtime import _func as wasmtime_func
 
 _U32 = 0xFFFFFFFF
+_log = logging.getLogger(__name__)
 _VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}
 
 HostCallable = Callable[..., int | None]
@@ -44,6 +46,10 @@ class WasmTrap(Exception):
         super().__init__(message)
         self.message = message
         self.cause = cause
+
+
+class GuestMemoryError(Exception):
+    """A pointer/length pair from the plugin falls outside its linear memory."""
 
 
 class HostAbort(Exception):
@@ -132,36 +138,59 @@ class RawFunc:
         return vals[0].i64
 
 
-def _make_trampoline(params: str, results: str, fn: HostCallable) -> Any:
+def _make_trampoline(params: str, results: str, fn: HostCallable, on_bad_memory: int) -> Any:
     """Build the C callback for one host function.
 
     The argument reads are generated per signature so the hot path is one Python call with
-    plain ints and no per-argument type dispatch.
+    plain ints and no per-argument type dispatch. A ``GuestMemoryError`` (a bad pointer from
+    the plugin) becomes the status ``on_bad_memory``; a ``WasmTrap`` from a nested call into
+    the guest or a ``HostAbort`` stops the guest with a trap; any other exception is a host
+    bug: it is logged and answered with ``on_internal_error`` rather than killing the plugin.
     """
     reads = ", ".join(
         f"a[{i}].i32 & {_U32}" if t == "i" else f"a[{i}].i64" for i, t in enumerate(params)
     )
+    call = "fn(" + reads + ")"
     if not results:
-        store = "fn(" + reads + ")"
-    elif results == "i":
-        store = "a[0].i32 = fn(" + reads + ")"
+        store, bad, internal = call, "pass", "pass"
     else:
-        store = "a[0].i64 = fn(" + reads + ")"
+        field = "i32" if results == "i" else "i64"
+        store = f"a[0].{field} = {call}"
+        bad = f"a[0].{field} = {on_bad_memory}"
+        internal = f"a[0].{field} = internal_error"
     src = (
         "def trampoline(env, caller, a, n):\n"
         "    try:\n"
         f"        {store}\n"
-        "        return 0\n"
-        "    except BaseException as e:\n"
+        "    except GuestMemoryError:\n"
+        f"        {bad}\n"
+        "    except (WasmTrap, HostAbort) as e:\n"
         "        return fail(e)\n"
+        "    except Exception as e:\n"
+        "        log_internal(fn, e)\n"
+        f"        {internal}\n"
+        "    return 0\n"
     )
-    namespace: dict[str, Any] = {"fn": fn, "fail": _fail}
+    namespace: dict[str, Any] = {
+        "fn": fn, "fail": _fail, "GuestMemoryError": GuestMemoryError, "WasmTrap": WasmTrap,
+        "HostAbort": HostAbort, "log_internal": _log_internal,
+        "internal_error": INTERNAL_ERROR_STATUS,
+    }
     exec(src, namespace)  # noqa: S102 - generated from the signature string only
     return ffi.wasmtime_func_unchecked_callback_t(namespace["trampoline"])
 
 
+# proxy_status_t INTERNAL_FAILURE; WASI callers see it as an unknown errno, which is
+# still an error rather than a crash.
+INTERNAL_ERROR_STATUS = 10
+
+
+def _log_internal(fn: HostCallable, exc: Exception) -> None:
+    _log.error("host function %s failed: %r", getattr(fn, "__name__", fn), exc, exc_info=exc)
+
+
 def _fail(exc: BaseException) -> int:
-    """Turn a Python exception raised by a host function into a wasm trap."""
+    """Turn an exception that must stop the guest into a wasm trap."""
     _pending_exception.append(exc)
     trap = wasmtime.Trap(f"host function raised {type(exc).__name__}")._consume()
     return ctypes.cast(trap, ctypes.c_void_p).value or 0
@@ -182,20 +211,16 @@ class HostFunctionTable:
         self._callbacks: list[Any] = []
 
     def define(self, module: str, name: str, params: str, results: str,
-               fn: HostCallable) -> None:
+               fn: HostCallable, on_bad_memory: int = 6) -> None:
         ty = wasmtime.FuncType([_VALTYPES[p]() for p in params],
                                [_VALTYPES[r]() for r in results])
-        cb = _make_trampoline(params, results, fn)
+        cb = _make_trampoline(params, results, fn, on_bad_memory)
         self._callbacks.append((cb, ty))
         m, n = module.encode(), name.encode()
         error = ffi.wasmtime_linker_define_func_unchecked(
             self._linker.ptr(), m, len(m), n, len(n), ty.ptr(), cb, None, _NO_FINALIZER)
         if error:
             raise wasmtime.WasmtimeError._from_ptr(error)
-
-
-class GuestMemoryError(Exception):
-    """A pointer/length pair from the plugin falls outside its linear memory."""
 
 
 class GuestMemory:

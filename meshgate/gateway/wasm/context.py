@@ -1,0 +1,188 @@
+"""The host side of proxy-wasm contexts: what a root or HTTP stream context holds.
+
+The import table (``imports.py``) resolves the plugin's *effective* context and asks it
+for maps and buffers by ABI type; the plugin host (``host.py``) drives callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .abi import BufferType, MapType, Status
+from .headers import HeaderMap
+
+ROOT_CONTEXT_ID = 1
+
+
+class Buffer:
+    """A byte buffer a plugin may read and (if ``mutable``) edit, with Envoy's edit rules.
+
+    Envoy's ``Buffer::copyFrom``: ``start == 0`` drops the first ``length`` bytes and
+    prepends the data (so ``(0, len(body), new)`` replaces the body); ``start >= len``
+    appends; anything else is BAD_ARGUMENT. Immutable buffers answer BAD_ARGUMENT.
+    """
+
+    __slots__ = ("data", "mutable")
+
+    def __init__(self, data: bytes | bytearray, mutable: bool = False) -> None:
+        self.data = data if isinstance(data, bytearray) and mutable else (
+            bytearray(data) if mutable else bytes(data))
+        self.mutable = mutable
+
+    def slice(self, start: int, max_size: int) -> bytes:
+        return bytes(self.data[start:start + max_size])
+
+    def copy_from(self, start: int, length: int, value: bytes) -> Status:
+        if not self.mutable:
+            return Status.BAD_ARGUMENT
+        assert isinstance(self.data, bytearray)
+        if start == 0:
+            del self.data[:length]
+            self.data[0:0] = value
+            return Status.OK
+        if start >= len(self.data):
+            self.data += value
+            return Status.OK
+        return Status.BAD_ARGUMENT
+
+
+@dataclass
+class StreamInfo:
+    """What the data path knows about a request before the plugin sees its headers.
+
+    Addresses are ``ip:port`` strings as in Envoy's properties. ``traceparent`` /
+    ``tracestate`` carry the W3C context of the stream's span (the parent of spans a plugin
+    records through ``wasi:tracing``); ``span`` is an opaque object (an OpenTelemetry span)
+    handed to foreign functions.
+    """
+
+    source_address: str = ""
+    destination_address: str = ""
+    request_id: str = ""
+    traceparent: str | None = None
+    tracestate: str | None = None
+    span: Any = None
+    route_name: str = ""
+    cluster_name: str = ""
+    virtual_host_name: str = ""
+    connection_id: int = 0
+    protocol: str = "HTTP/1.1"
+    mtls: bool = False
+    requested_server_name: str = ""
+    upstream_address: str = ""
+    start_time_ns: int = field(default_factory=time.time_ns)
+
+
+@dataclass
+class HttpCallResponse:
+    """The response of one ``proxy_http_call``, visible during its callback."""
+
+    headers: HeaderMap
+    body: Buffer
+    trailers: HeaderMap
+
+
+class Context:
+    """Base: a context id, and no maps or buffers."""
+
+    id: int
+
+    def header_map(self, map_type: MapType) -> HeaderMap | None:
+        return None
+
+    def buffer(self, buffer_type: BufferType) -> Buffer | None:
+        return None
+
+
+class RootContext(Context):
+    """Context 1 of a VM: configuration, ticks, and the response of an http_call being
+    delivered (Envoy 1.40 delivers ``on_http_call_response`` to the root context)."""
+
+    def __init__(self, vm_configuration: bytes, plugin_configuration: bytes) -> None:
+        self.id = ROOT_CONTEXT_ID
+        self.vm_configuration = Buffer(vm_configuration)
+        self.plugin_configuration = Buffer(plugin_configuration)
+        #: Set only while on_configure runs: Envoy answers NOT_FOUND for it elsewhere.
+        self.configuring = False
+        self.call_response: HttpCallResponse | None = None
+        self.foreign_args: Buffer | None = None
+
+    def header_map(self, map_type: MapType) -> HeaderMap | None:
+        if self.call_response is None:
+            return None
+        if map_type is MapType.HTTP_CALL_RESPONSE_HEADERS:
+            return self.call_response.headers
+        if map_type is MapType.HTTP_CALL_RESPONSE_TRAILERS:
+            return self.call_response.trailers
+        return None
+
+    def buffer(self, buffer_type: BufferType) -> Buffer | None:
+        if buffer_type is BufferType.VM_CONFIGURATION:
+            return self.vm_configuration
+        if buffer_type is BufferType.PLUGIN_CONFIGURATION:
+            return self.plugin_configuration if self.configuring else None
+        if buffer_type is BufferType.HTTP_CALL_RESPONSE_BODY and self.call_response:
+            return self.call_response.body
+        return None
+
+
+@dataclass
+class LocalReplyRequest:
+    """What ``proxy_send_local_response`` asked for."""
+
+    status: int
+    details: str
+    body: bytes
+    headers: list[tuple[str, str]]
+    grpc_status: int
+
+
+class StreamContext(Context):
+    """One HTTP stream's context: its maps and bodies as the plugin sees them."""
+
+    def __init__(self, context_id: int, info: StreamInfo, root: RootContext) -> None:
+        self.id = context_id
+        self.info = info
+        self.root = root
+        self.request_headers: HeaderMap | None = None
+        self.request_trailers: HeaderMap | None = None
+        self.response_headers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
+        self.request_body = Buffer(b"", mutable=True)
+        self.response_body = Buffer(b"", mutable=True)
+        self.request_body_bytes = 0
+        self.response_code: int | None = None
+        self.response_code_details: str | None = None
+        self.properties: dict[bytes, bytes] = {}
+        self.local_reply: LocalReplyRequest | None = None
+        #: Resolved when the plugin resumes a paused stream or sends a local reply.
+        self.resume: asyncio.Future[None] | None = None
+        self.continued = False
+        #: The VM trapped while this stream waited (e.g. in on_http_call_response).
+        self.failed = False
+        self.reset_requested = False
+
+    def header_map(self, map_type: MapType) -> HeaderMap | None:
+        if map_type is MapType.HTTP_REQUEST_HEADERS:
+            return self.request_headers
+        if map_type is MapType.HTTP_REQUEST_TRAILERS:
+            return self.request_trailers
+        if map_type is MapType.HTTP_RESPONSE_HEADERS:
+            return self.response_headers
+        if map_type is MapType.HTTP_RESPONSE_TRAILERS:
+            return self.response_trailers
+        return self.root.header_map(map_type)
+
+    def buffer(self, buffer_type: BufferType) -> Buffer | None:
+        if buffer_type is BufferType.HTTP_REQUEST_BODY:
+            return self.request_body
+        if buffer_type is BufferType.HTTP_RESPONSE_BODY:
+            return self.response_body
+        return self.root.buffer(buffer_type)
+
+    def wake(self) -> None:
+        if self.resume is not None and not self.resume.done():
+            self.resume.set_result(None)

@@ -1,0 +1,74 @@
+"""``HeaderMap``: the ordered multimap a stream's headers and trailers live in."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+
+class HeaderMap:
+    """Ordered multimap of header names to values, pseudo-headers (``:path``...) included.
+
+    Names are stored lower-cased (HTTP/2 and Envoy normalise them so); lookups are
+    case-insensitive. The plugin mutates it in place through the host, and the data path
+    reads it back after each callback.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(list(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HeaderMap) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"HeaderMap({self._items!r})"
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
+    def get(self, name: str) -> str | None:
+        """First value of ``name``, or None."""
+        name = name.lower()
+        for k, v in self._items:
+            if k == name:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self._items if k == name]
+
+    def joined(self, name: str) -> str | None:
+        """All values of ``name`` joined with ``,`` as Envoy's ``getHeaderMapValue`` does."""
+        values = self.get_all(name)
+        return ",".join(values) if values else None
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((name.lower(), value))
+
+    def set(self, name: str, value: str) -> None:
+        """Replace every value of ``name`` with one value (appended if absent)."""
+        name = name.lower()
+        for i, (k, _) in enumerate(self._items):
+            if k == name:
+                self._items[i] = (k, value)
+                self._items = [kv for j, kv in enumerate(self._items) if j <= i or kv[0] != name]
+                return
+        self._items.append((name, value))
+
+    def remove(self, name: str) -> None:
+        name = name.lower()
+        self._items = [kv for kv in self._items if kv[0] != name]
+
+    def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
+        self._items = [(k.lower(), v) for k, v in items]
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None

@@ -1,0 +1,216 @@
+"""``HostServices``: what every plugin of one sidecar process shares.
+
+One wasmtime engine (so compiled modules and the epoch clock are shared), the shared-data
+store, shared queues, the metrics registry, the ``http_call`` dispatcher the data path
+supplies, foreign functions, the module cache directory and the failure-containment knobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+import threading
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import wasmtime
+from prometheus_client import CollectorRegistry
+
+from .abi import Status
+from .metrics import MetricStore
+from .shared import SharedDataStore, SharedQueues
+
+log = logging.getLogger("meshgate.gateway.wasm")
+
+Headers = list[tuple[str, str]]
+HttpCallResult = tuple[Headers, bytes, Headers]
+
+
+class HttpCallDispatcher(Protocol):
+    """Sends a plugin's ``proxy_http_call`` upstream; supplied by the data path.
+
+    ``headers`` include the pseudo-headers (``:method``, ``:path``, ``:authority``); the
+    result's headers include ``:status``. Raising means the call failed (the host then
+    synthesises the reply Envoy would); the host applies ``timeout_s`` itself.
+    """
+
+    def __call__(self, cluster: str, headers: Headers, body: bytes, trailers: Headers,
+                 timeout_s: float) -> Awaitable[HttpCallResult]: ...
+
+    def has_cluster(self, name: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ForeignCall:
+    """What a foreign function sees besides its argument bytes."""
+
+    plugin_name: str
+    #: The W3C trace context of the stream the call came from, if any.
+    traceparent: str | None
+    tracestate: str | None
+    #: Opaque per-stream value from ``StreamInfo.span`` (e.g. an OpenTelemetry span).
+    span: Any
+
+
+#: A foreign function answers a status and result bytes; Envoy's ``NotFound`` for unknown
+#: names is produced by the host, not by these.
+ForeignFunction = Callable[[bytes, ForeignCall], tuple[Status, bytes]]
+
+
+def _compress(args: bytes, _call: ForeignCall) -> tuple[Status, bytes]:
+    return Status.OK, zlib.compress(args)
+
+
+def _uncompress(args: bytes, _call: ForeignCall) -> tuple[Status, bytes]:
+    try:
+        return Status.OK, zlib.decompress(args)
+    except zlib.error:
+        return Status.SERIALIZATION_FAILURE, b""
+
+
+def _accept(_args: bytes, _call: ForeignCall) -> tuple[Status, bytes]:
+    return Status.OK, b""
+
+
+def envoy_foreign_functions() -> dict[str, ForeignFunction]:
+    """The Envoy foreign functions that make sense without Envoy's internals.
+
+    ``compress``/``uncompress`` are zlib as in Envoy; ``clear_route_cache`` and
+    ``declare_property`` are accepted and have no effect (the sidecar has no route cache
+    and keeps properties untyped).
+    """
+    return {
+        "compress": _compress,
+        "uncompress": _uncompress,
+        "clear_route_cache": _accept,
+        "declare_property": _accept,
+    }
+
+
+class EpochTicker:
+    """A daemon thread that bumps the engine's epoch every ``interval_s``.
+
+    The per-callback CPU deadline is a number of these ticks; wasm running past it traps
+    with an "interrupt". The thread only touches the engine's atomic epoch counter.
+    """
+
+    def __init__(self, engine: wasmtime.Engine, interval_s: float) -> None:
+        self.engine = engine
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="wasm-epoch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.engine.increment_epoch()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def make_engine() -> wasmtime.Engine:
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    # A linear memory that never moves lets GuestMemory keep its base address.
+    config.memory_may_move = False
+    return wasmtime.Engine(config)
+
+
+ENGINE_FINGERPRINT = hashlib.sha256(
+    f"wasmtime={wasmtime.__dict__.get('__version__', '50.0.1')};epoch=1;may_move=0;"
+    f"{platform.machine()};{platform.system()}".encode()
+).hexdigest()[:16]
+
+
+class ModuleCache:
+    """Serialised compiled modules on disk, keyed by the binary's sha256 and the engine.
+
+    A file that fails to deserialise (other wasmtime build, truncated write) is treated as
+    a miss and overwritten.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+
+    def _path(self, sha256: str) -> Path | None:
+        if self.directory is None:
+            return None
+        return self.directory / f"{sha256}-{ENGINE_FINGERPRINT}.cwasm"
+
+    def load(self, engine: wasmtime.Engine, sha256: str, wasm: bytes) -> tuple[wasmtime.Module,
+                                                                               bool]:
+        """Return the module and whether it came from the cache."""
+        path = self._path(sha256)
+        if path is not None and path.exists():
+            try:
+                return wasmtime.Module.deserialize_file(engine, str(path)), True
+            except wasmtime.WasmtimeError as exc:
+                log.warning("module cache entry %s unusable, recompiling: %s", path, exc)
+        module = wasmtime.Module(engine, wasm)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(module.serialize())
+            os.replace(tmp, path)
+        return module, False
+
+
+@dataclass
+class HostServices:
+    """Everything the plugins of one process share. Create one per sidecar; ``close()`` it.
+
+    ``http_dispatcher`` is supplied by the data path; without one every ``proxy_http_call``
+    answers BAD_ARGUMENT (no cluster is known), as Envoy does for an unknown cluster.
+    """
+
+    http_dispatcher: HttpCallDispatcher | None = None
+    module_cache_dir: Path | None = None
+    #: CPU time one callback may take before it is interrupted (epoch deadline).
+    callback_deadline_s: float = 0.5
+    #: Linear-memory cap per VM; growing past it fails inside the plugin (usually a trap).
+    memory_limit_bytes: int = 64 * 1024 * 1024
+    #: How long a stream paused by a plugin waits for continue/local reply.
+    pause_timeout_s: float = 60.0
+    node_id: str = ""
+    node_cluster: str = ""
+    metrics_registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    foreign_functions: dict[str, ForeignFunction] = field(default_factory=envoy_foreign_functions)
+    epoch_interval_s: float = 0.01
+    shared_data: SharedDataStore = field(default_factory=SharedDataStore)
+    shared_queues: SharedQueues = field(default_factory=SharedQueues)
+    engine: wasmtime.Engine = field(default_factory=make_engine)
+
+    def __post_init__(self) -> None:
+        self.metrics = MetricStore(self.metrics_registry)
+        self.module_cache = ModuleCache(self.module_cache_dir)
+        self._ticker = EpochTicker(self.engine, self.epoch_interval_s)
+
+    @property
+    def deadline_ticks(self) -> int:
+        # +1: the current epoch may be about to tick the moment a callback starts.
+        return max(1, round(self.callback_deadline_s / self.epoch_interval_s)) + 1
+
+    def start(self) -> None:
+        """Start the epoch clock (idempotent; ``PluginHost.create`` calls it)."""
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._ticker.stop()
+
+    def has_cluster(self, name: str) -> bool:
+        return self.http_dispatcher is not None and self.http_dispatcher.has_cluster(name)

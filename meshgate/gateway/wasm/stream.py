@@ -1,0 +1,204 @@
+"""``HttpStream``: one request through one plugin, driven by the data path.
+
+Call order matches Envoy 1.40 (reference §4): ``on_context_create(N, 1)`` before the first
+callback, request headers/body/trailers, response headers/body/trailers, and on
+``finish()``: ``on_log``, ``on_done``, ``on_delete``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from ._rawcall import WasmTrap
+from .abi import Action
+from .actions import (
+    CONTINUE,
+    STOP_AND_BUFFER,
+    LocalReply,
+    ResetStream,
+    StreamAction,
+)
+from .context import ROOT_CONTEXT_ID, Buffer, StreamContext
+from .headers import HeaderMap
+
+if TYPE_CHECKING:
+    from .host import PluginHost
+
+_FAIL_CLOSED_DETAILS = "wasm_fail_stream"
+_PAUSE_TIMEOUT_DETAILS = "wasm_pause_timeout"
+
+
+class HttpStream:
+    """The plugin's view of one HTTP stream.
+
+    Each method returns when the plugin has decided. A callback that pauses (returns
+    PAUSE from headers/trailers, or from a body callback at end of stream) suspends the
+    caller until the plugin calls ``continue_stream`` or ``send_local_response`` — usually
+    from ``on_http_call_response`` — or ``services.pause_timeout_s`` passes.
+    """
+
+    def __init__(self, host: PluginHost, ctx: StreamContext, generation: int) -> None:
+        self.host = host
+        self.ctx = ctx
+        self._generation = generation
+        self._created = False
+        self._skip = False  # fail-open after a trap: the plugin is out of this stream
+        self._replied = False  # a local reply ran; later callbacks are no-ops
+        self._finished = False
+        host.streams[ctx.id] = ctx
+
+    @property
+    def context_id(self) -> int:
+        return self.ctx.id
+
+    # -- request ------------------------------------------------------------------------
+    async def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> StreamAction:
+        """The plugin may edit ``headers`` in place."""
+        self.ctx.request_headers = headers
+        return await self._run("proxy_on_request_headers", len(headers), end_of_stream,
+                               is_body=False)
+
+    async def request_body(self, body: bytearray, end_of_stream: bool) -> StreamAction:
+        """``body`` is everything buffered so far; the plugin may edit it in place."""
+        self.ctx.request_body = Buffer(body, mutable=True)
+        self.ctx.request_body_bytes = len(body)
+        return await self._run("proxy_on_request_body", len(body), end_of_stream,
+                               is_body=True)
+
+    async def request_trailers(self, trailers: HeaderMap) -> StreamAction:
+        self.ctx.request_trailers = trailers
+        return await self._run("proxy_on_request_trailers", len(trailers), None,
+                               is_body=False)
+
+    # -- response -----------------------------------------------------------------------
+    async def response_headers(self, headers: HeaderMap, end_of_stream: bool) -> StreamAction:
+        self.ctx.response_headers = headers
+        status = headers.get(":status")
+        self.ctx.response_code = int(status) if status and status.isdigit() else None
+        self.ctx.response_code_details = "via_upstream"
+        return await self._run("proxy_on_response_headers", len(headers), end_of_stream,
+                               is_body=False)
+
+    async def response_body(self, body: bytearray, end_of_stream: bool) -> StreamAction:
+        self.ctx.response_body = Buffer(body, mutable=True)
+        return await self._run("proxy_on_response_body", len(body), end_of_stream,
+                               is_body=True)
+
+    async def response_trailers(self, trailers: HeaderMap) -> StreamAction:
+        self.ctx.response_trailers = trailers
+        return await self._run("proxy_on_response_trailers", len(trailers), None,
+                               is_body=False)
+
+    # -- end ----------------------------------------------------------------------------
+    async def finish(self) -> None:
+        """``on_log``, ``on_done``, ``on_delete`` (Envoy 1.40's observed order)."""
+        if self._finished:
+            return
+        self._finished = True
+        self.host.streams.pop(self.ctx.id, None)
+        if not self._created or not self._alive():
+            return
+        for export in ("proxy_on_log", "proxy_on_done", "proxy_on_delete"):
+            try:
+                self.host._invoke(self.ctx, export, self.ctx.id)
+            except WasmTrap as exc:
+                self.host.trapped(export, exc)
+                return
+
+    # -- machinery ----------------------------------------------------------------------
+    def _alive(self) -> bool:
+        host = self.host
+        return self._generation == host.generation and not host.vm.broken
+
+    def _failure(self) -> StreamAction:
+        """The plugin's failure policy for this stream (Envoy: 503, empty body)."""
+        if self.host.spec.fail_open:
+            self._skip = True
+            return CONTINUE
+        self._replied = True
+        return LocalReply(503, [], b"", _FAIL_CLOSED_DETAILS)
+
+    async def _run(self, export: str, size: int, end_of_stream: bool | None,
+                   is_body: bool) -> StreamAction:
+        if self._skip or self._replied or self._finished:
+            return CONTINUE
+        if not self._alive():
+            return self._failure()
+        host, ctx = self.host, self.ctx
+        args = (ctx.id, size) if end_of_stream is None else (ctx.id, size, int(end_of_stream))
+        try:
+            if not self._created:
+                self._created = True
+                host._invoke(ctx, "proxy_on_context_create", ctx.id, ROOT_CONTEXT_ID)
+            action = host._invoke(ctx, export, *args)
+        except WasmTrap as exc:
+            host.trapped(export, exc)
+            return self._failure()
+        settled = self._settled()
+        if settled is not None:
+            return settled
+        if not action or action == Action.CONTINUE:
+            return CONTINUE
+        if ctx.continued:
+            ctx.continued = False
+            return CONTINUE
+        if is_body and not end_of_stream:
+            return STOP_AND_BUFFER
+        return await self._wait_for_resume()
+
+    def _settled(self) -> StreamAction | None:
+        """A local reply, reset or failure the plugin caused during (or while paused)."""
+        ctx = self.ctx
+        if ctx.failed:
+            return self._failure()
+        if ctx.reset_requested:
+            self._replied = True
+            return ResetStream()
+        if ctx.local_reply is not None:
+            return self._run_local_reply()
+        return None
+
+    async def _wait_for_resume(self) -> StreamAction:
+        ctx = self.ctx
+        ctx.resume = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(ctx.resume, self.host.services.pause_timeout_s)
+        except TimeoutError:
+            self._replied = True
+            return LocalReply(504, [], b"", _PAUSE_TIMEOUT_DETAILS)
+        finally:
+            ctx.resume = None
+        ctx.continued = False
+        settled = self._settled()
+        if settled is not None:
+            return settled
+        if not self._alive():
+            return self._failure()
+        return CONTINUE
+
+    def _run_local_reply(self) -> StreamAction:
+        """Envoy runs the same plugin's response callbacks over its local reply (§4)."""
+        reply = self.ctx.local_reply
+        assert reply is not None
+        self._replied = True
+        ctx, host = self.ctx, self.host
+        headers = HeaderMap([(":status", str(reply.status)), *reply.headers])
+        if reply.body and "content-type" not in headers:
+            headers.add("content-type", "text/plain")
+        body = bytearray(reply.body)
+        ctx.response_headers = headers
+        ctx.response_code = reply.status
+        ctx.response_code_details = reply.details
+        ctx.response_body = Buffer(body, mutable=True)
+        try:
+            host._invoke(ctx, "proxy_on_response_headers", ctx.id, len(headers), int(not body))
+            if body:
+                host._invoke(ctx, "proxy_on_response_body", ctx.id, len(body), 1)
+        except WasmTrap as exc:
+            host.trapped("proxy_on_response_headers", exc)
+            return LocalReply(503, [], b"", _FAIL_CLOSED_DETAILS)
+        status = headers.get(":status")
+        regular = [(k, v) for k, v in headers if not k.startswith(":") and k != "content-length"]
+        return LocalReply(int(status) if status and status.isdigit() else reply.status,
+                          regular, bytes(ctx.response_body.data), reply.details)

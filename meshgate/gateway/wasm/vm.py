@@ -1,0 +1,106 @@
+"""One instance of a plugin module in its own store: memory, exports, allocator, deadline."""
+
+from __future__ import annotations
+
+import wasmtime
+
+from ._rawcall import GuestMemory, GuestMemoryError, RawFunc, WasmTrap
+from .abi import ABI_MARKERS
+
+
+class VMLoadError(Exception):
+    """The module cannot become a proxy-wasm VM (no ABI marker, no memory, start trapped)."""
+
+
+class PluginVM:
+    """A plugin instance. Callbacks go through ``call``; host functions use ``mem`` and
+    ``copy_out`` (which calls the plugin's allocator).
+
+    The CPU deadline is armed only at the outermost entry: a host function that calls back
+    into the guest (the allocator) stays within the callback's budget.
+    """
+
+    def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module,
+                 linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int) -> None:
+        exports = {e.name for e in module.exports}
+        if not any(m in exports for m in ABI_MARKERS):
+            raise VMLoadError("Missing or unknown Proxy-Wasm ABI version "
+                              f"(no export {' or '.join(ABI_MARKERS)})")
+        self.store = wasmtime.Store(engine)
+        self.store.set_limits(memory_size=memory_limit)
+        self.deadline_ticks = deadline_ticks
+        self.depth = 0
+        self.store.set_epoch_deadline(deadline_ticks)
+        try:
+            instance = linker.instantiate(self.store, module)
+        except wasmtime.Trap as exc:
+            raise WasmTrap(exc.message) from exc
+        found = instance.exports(self.store)
+        memory = found.get("memory")
+        if not isinstance(memory, wasmtime.Memory):
+            raise VMLoadError("module exports no linear memory named 'memory'")
+        self.mem = GuestMemory(self.store, memory)
+        self.funcs: dict[str, RawFunc] = {
+            name: RawFunc(self.store, f, name)
+            for name, f in found.items() if isinstance(f, wasmtime.Func)
+        }
+        self._alloc = self.funcs.get("malloc") or self.funcs.get("proxy_on_memory_allocate")
+        self.broken = False
+
+    def has(self, name: str) -> bool:
+        return name in self.funcs
+
+    def call(self, name: str, *args: int) -> int | None:
+        """Call export ``name`` (None if the plugin does not export it)."""
+        func = self.funcs.get(name)
+        if func is None:
+            return None
+        if self.depth == 0:
+            self.store.set_epoch_deadline(self.deadline_ticks)
+        self.depth += 1
+        try:
+            return func(*args)
+        except WasmTrap:
+            self.broken = True
+            raise
+        finally:
+            self.depth -= 1
+
+    def start(self) -> None:
+        """WASI reactor/command entry: ``_initialize`` then ``main``/``__main_void``, or
+        ``_start``, as proxy-wasm-cpp-host does."""
+        if self.has("_initialize"):
+            self.call("_initialize")
+            if self.has("main") and self.funcs["main"].params == "ii":
+                self.call("main", 0, 0)
+            elif self.has("__main_void"):
+                self.call("__main_void")
+        elif self.has("_start"):
+            self.call("_start")
+
+    def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> None:
+        """Hand ``data`` to the plugin: allocate in its memory, copy, write pointer and size.
+
+        Empty data writes ``(0, 0)`` without allocating, as cpp-host does.
+        """
+        if not data:
+            self.mem.write_u32(ptr_ptr, 0)
+            self.mem.write_u32(size_ptr, 0)
+            return
+        # Check the return slots before allocating so a bad pointer leaks nothing.
+        self.mem.write_u32(ptr_ptr, 0)
+        self.mem.write_u32(size_ptr, 0)
+        if self._alloc is None:
+            raise GuestMemoryError("plugin exports no malloc/proxy_on_memory_allocate")
+        if self.depth == 0:
+            self.store.set_epoch_deadline(self.deadline_ticks)
+        self.depth += 1
+        try:
+            ptr = self._alloc(len(data)) or 0
+        finally:
+            self.depth -= 1
+        if ptr == 0:
+            raise GuestMemoryError(f"plugin allocator returned NULL for {len(data)} bytes")
+        self.mem.write(ptr, data)
+        self.mem.write_u32(ptr_ptr, ptr)
+        self.mem.write_u32(size_ptr, len(data))
