@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from opentelemetry import trace
 
 from meshgate.gateway import resources as res
 from meshgate.gateway.admin import admin_app
@@ -23,6 +24,7 @@ from meshgate.gateway.filters import PluginLoader
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.proxy import DataPath, DataPathSettings
 from meshgate.gateway.resources import UnsupportedConfig
+from meshgate.gateway.tracing import sidecar_tracer_provider
 from meshgate.gateway.upstream import SessionPool, close_later
 from meshgate.gateway.xds_client import ResourceView, XdsClient
 
@@ -40,6 +42,7 @@ class SidecarOptions:
     drain_timeout_s: float = 10.0
     max_request_header_bytes: int = 8190
     data_path: DataPathSettings = field(default_factory=DataPathSettings)
+    tracer_provider: trace.TracerProvider | None = None  # None: see sidecar_tracer_provider
 
 
 @dataclass
@@ -54,7 +57,10 @@ class Sidecar:
         self.metrics = SidecarMetrics()
         self.holder = ConfigHolder()
         self.pool = SessionPool()
-        self.data_path = DataPath(self.holder, self.metrics, options.data_path)
+        provider = options.tracer_provider or sidecar_tracer_provider()
+        self.data_path = DataPath(
+            self.holder, self.metrics, options.data_path, provider.get_tracer("meshgate.sidecar")
+        )
         self.plugins = PluginLoader(self.holder, self.metrics.registry, options)
         self.xds = XdsClient(
             options.xds_target,

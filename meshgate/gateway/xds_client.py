@@ -179,10 +179,13 @@ class XdsClient:
         async with grpc.aio.insecure_channel(self.target) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             method = stub.DeltaAggregatedResources if self.delta else stub.StreamAggregatedResources
-            call = method(_drain(outbox))
+            call = method(_Outbox(outbox))
+            # Connected means the stream is up, not that a response came: a delta server
+            # answers a reconnect that already holds every version with nothing at all.
+            await call.wait_for_connection()
+            self.connected = True
+            self._backoff.attempt = 0
             async for response in call:
-                self.connected = True
-                self._backoff.attempt = 0
                 await self._handle(response, outbox)
 
     # ------------------------------------------------------------ requests
@@ -311,6 +314,16 @@ def _short(type_url: str) -> str:
     return type_url.rsplit(".", 1)[-1]
 
 
-async def _drain(outbox: asyncio.Queue[Any]) -> AsyncIterator[Any]:
-    while True:
-        yield await outbox.get()
+class _Outbox:
+    """The request side of the stream. A plain async iterator, not an async generator:
+    gRPC closes it from another task when the stream fails, which an async generator
+    suspended in `await` refuses ("aclose(): asynchronous generator is already running")."""
+
+    def __init__(self, queue: asyncio.Queue[Any]) -> None:
+        self._queue = queue
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._queue.get()
