@@ -226,7 +226,8 @@ async def test_shared_data_cas_semantics(probe):
     cas = probe.vm.mem.read_u32(SLOT_CAS)
     assert (returned(probe), cas) == (b"v1", 1)
     val2 = put(probe, ARG2, b"v2")
-    assert call_in(probe, root, "proxy_set_shared_data", *key, *val2, cas + 7) == Status.CAS_MISMATCH
+    mismatch = call_in(probe, root, "proxy_set_shared_data", *key, *val2, cas + 7)
+    assert mismatch == Status.CAS_MISMATCH
     assert call_in(probe, root, "proxy_set_shared_data", *key, *val2, cas) == OK
     call_in(probe, root, "proxy_get_shared_data", *key, SLOT_PTR, SLOT_SIZE, SLOT_CAS)
     assert (returned(probe), probe.vm.mem.read_u32(SLOT_CAS)) == (b"v2", 2)
