@@ -26,9 +26,10 @@ Per request::
     # Continue | StopAndBuffer (body: buffer, call again with the accumulated body)
     # | LocalReply(status, headers, body, details) | ResetStream
     ...
-    await stream.finish()          # on_log, on_done, on_delete
+    stream.finish()                # on_log, on_done, on_delete (synchronous)
 
-``HeaderMap`` and body ``bytearray``s are edited in place by the plugin. A ``LocalReply``
+``HeaderMap`` and body ``bytearray``s are edited in place by the plugin (pass bodies as
+``bytearray`` to see the edits). A ``LocalReply``
 already went through this plugin's ``on_response_headers``/``on_response_body`` (as in
 Envoy); do not call the stream's response methods afterwards. A trap applies the plugin's
 failure policy (fail closed: ``LocalReply(503)`` with an empty body; fail open: the plugin

@@ -29,6 +29,10 @@ _FAIL_CLOSED_DETAILS = "wasm_fail_stream"
 _PAUSE_TIMEOUT_DETAILS = "wasm_pause_timeout"
 
 
+def _mutable(body: bytearray | bytes) -> bytearray:
+    return body if isinstance(body, bytearray) else bytearray(body)
+
+
 class HttpStream:
     """The plugin's view of one HTTP stream.
 
@@ -59,9 +63,11 @@ class HttpStream:
         return await self._run("proxy_on_request_headers", len(headers), end_of_stream,
                                is_body=False)
 
-    async def request_body(self, body: bytearray, end_of_stream: bool) -> StreamAction:
-        """``body`` is everything buffered so far; the plugin may edit it in place."""
-        self.ctx.request_body = Buffer(body, mutable=True)
+    async def request_body(self, body: bytearray | bytes,
+                           end_of_stream: bool) -> StreamAction:
+        """``body`` is everything buffered so far. The plugin edits a ``bytearray`` in
+        place; pass one to see its edits (``bytes`` are copied and edits are lost)."""
+        self.ctx.request_body = Buffer(_mutable(body), mutable=True)
         self.ctx.request_body_bytes = len(body)
         return await self._run("proxy_on_request_body", len(body), end_of_stream,
                                is_body=True)
@@ -80,8 +86,10 @@ class HttpStream:
         return await self._run("proxy_on_response_headers", len(headers), end_of_stream,
                                is_body=False)
 
-    async def response_body(self, body: bytearray, end_of_stream: bool) -> StreamAction:
-        self.ctx.response_body = Buffer(body, mutable=True)
+    async def response_body(self, body: bytearray | bytes,
+                            end_of_stream: bool) -> StreamAction:
+        """As ``request_body``, for the response."""
+        self.ctx.response_body = Buffer(_mutable(body), mutable=True)
         return await self._run("proxy_on_response_body", len(body), end_of_stream,
                                is_body=True)
 
@@ -91,8 +99,11 @@ class HttpStream:
                                is_body=False)
 
     # -- end ----------------------------------------------------------------------------
-    async def finish(self) -> None:
-        """``on_log``, ``on_done``, ``on_delete`` (Envoy 1.40's observed order)."""
+    def finish(self) -> None:
+        """``on_log``, ``on_done``, ``on_delete`` (Envoy 1.40's observed order).
+
+        Synchronous: nothing here waits, so the data path can call it from a ``finally``.
+        """
         if self._finished:
             return
         self._finished = True

@@ -70,7 +70,7 @@ async def test_callback_order_matches_envoy(load, plugin_log):
     assert await stream.request_body(bytearray(b"abc"), True) == CONTINUE
     assert await stream.response_headers(HeaderMap([(":status", "200")]), False) == CONTINUE
     assert await stream.response_body(bytearray(b""), True) == CONTINUE
-    await stream.finish()
+    stream.finish()
     assert plugin_log == names
 
 
@@ -111,7 +111,7 @@ async def test_local_reply_runs_response_callbacks_over_the_reply(load):
                                 "denied_by_probe")
     # the data path may still call; nothing more reaches the plugin
     assert await stream.request_body(bytearray(b"x"), True) == CONTINUE
-    await stream.finish()
+    stream.finish()
 
 
 async def test_body_pause_before_end_means_buffer(load):
@@ -261,7 +261,7 @@ async def test_trap_fails_open_when_configured(load):
     stream = host.new_stream()
     assert await stream.request_headers(path("/bad"), False) == CONTINUE
     assert await stream.request_body(bytearray(b"x"), True) == CONTINUE  # plugin skipped
-    await stream.finish()
+    stream.finish()
     assert await host.new_stream().request_headers(path("/good"), True) == CONTINUE
 
 

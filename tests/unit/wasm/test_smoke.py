@@ -8,4 +8,4 @@ async def test_noop_plugin_continues(load):
     stream = host.new_stream()
     headers = HeaderMap([(":method", "GET"), (":path", "/")])
     assert await stream.request_headers(headers, True) == CONTINUE
-    await stream.finish()
+    stream.finish()
