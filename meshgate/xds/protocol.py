@@ -111,13 +111,13 @@ class ProxyStream:
         self._nonces = itertools.count(1)
         self._retiring: dict[str, dict[str, VersionedResource]] = {r.CLUSTER: {}, r.ENDPOINT: {}}
         self._awaiting: set[str] = set()
+        self._hold_routing = False
 
     # -- inputs ---------------------------------------------------------------------------
 
     def on_request(self, request: Any) -> list[bytes]:
-        if self.delta:
-            return self._on_delta(request)
-        return self._on_sotw(request)
+        out = self._on_delta(request) if self.delta else self._on_sotw(request)
+        return out + self._release_routing()
 
     def on_snapshot(self, snapshot: Snapshot) -> list[bytes]:
         old = self.snapshot
@@ -125,10 +125,32 @@ class ProxyStream:
         self._awaiting = {t for t in _ROUTING_TYPES if self._would_change(t)}
         if self._awaiting:
             self._retire_removed(old, snapshot)
+        out = self._push(r.CLUSTER)
+        self._hold_routing = bool(out) and bool(self._awaiting)
+        out += self._push(r.ENDPOINT)
+        return out + self._release_routing()
+
+    def _release_routing(self) -> list[bytes]:
+        """Listeners, routes and plugins go out once the clusters they use are warm-able:
+        CDS ACKed (or NACKed) and endpoints sent for every EDS cluster. Sent earlier, a
+        route could point at a cluster still waiting for endpoints, and Envoy answers 503."""
+        if self._hold_routing and not self._clusters_ready():
+            return []
+        self._hold_routing = False
         out: list[bytes] = []
-        for type_url in r.PUSH_ORDER:
+        for type_url in _ROUTING_TYPES:
             out += self._push(type_url)
         return out
+
+    def _clusters_ready(self) -> bool:
+        cds = self._state(r.CLUSTER)
+        nacked = cds.nack is not None and cds.nack.version == cds.version_sent
+        if cds.version_acked != cds.version_sent and not nacked:
+            return False
+        eds = self._state(r.ENDPOINT)
+        available = {**self._retiring[r.ENDPOINT], **self.snapshot.of_type(r.ENDPOINT)}
+        return all(eds.sent.get(name) == available[name].version
+                   for name in cds.sent if name in available)
 
     def type_status(self) -> dict[str, dict[str, Any]]:
         return {r.SHORT_NAMES.get(t, t): s.status() for t, s in sorted(self._types.items())
@@ -228,9 +250,13 @@ class ProxyStream:
         for name in list(state.sent):
             if name not in desired:
                 del state.sent[name]
-        if not changed and not removed:
-            return []
         version = type_version(desired.values())
+        if not changed and not removed:
+            if desired and not state.version_sent:
+                # A reconnect whose initial_resource_versions already match: nothing to
+                # send, and the proxy demonstrably holds this version.
+                state.version_sent = state.version_acked = version
+            return []
         out = []
         for i, chunk in enumerate(split_by_size(changed, self._max_bytes)):
             state.nonce = self._next_nonce()
@@ -271,6 +297,8 @@ class ProxyStream:
     def _push(self, type_url: str, *, initial: bool = False) -> list[bytes]:
         state = self._types.get(type_url)
         if state is None or not state.subscribed:
+            return []
+        if self._hold_routing and type_url in _ROUTING_TYPES:
             return []
         desired = self._desired(state)
         if self.delta:
