@@ -1,0 +1,91 @@
+"""wasi:tracing through the proxy-wasm host: plugin spans become children of the stream's."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from meshgate.gateway.wasm import StreamInfo
+from meshgate.otel import WasiTracing, setup_tracing
+
+from .conftest import call_in
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+ARG, ARG2 = 512, 2048
+
+
+@pytest.fixture
+def exporter() -> InMemorySpanExporter:
+    return InMemorySpanExporter()
+
+
+@pytest.fixture
+def tracing(exporter, services) -> WasiTracing:
+    provider = setup_tracing("test", processor=SimpleSpanProcessor(exporter))
+    wt = WasiTracing(provider, event_window_s=60)
+    services.foreign_functions.update(wt.functions())
+    return wt
+
+
+async def _call(host, ctx, name: bytes, args: bytes) -> tuple[int, bytes]:
+    mem = host.vm.mem
+    mem.write(ARG, name)
+    mem.write(ARG2, args)
+    status = call_in(host, ctx, "proxy_call_foreign_function", ARG, len(name), ARG2, len(args),
+                     0, 4)
+    ptr, size = mem.read_u32(0), mem.read_u32(4)
+    return status, mem.read(ptr, size) if status == 0 and size else b""
+
+
+async def test_parent_span_is_the_streams_traceparent(load, tracing):
+    from .wat import plugin
+    host = await load(plugin())
+    ctx = host.new_stream(StreamInfo(traceparent=TRACEPARENT, tracestate="k=v")).ctx
+    status, value = await _call(host, ctx, b"wasi:tracing/get-parent-span", b"")
+    assert (status, value) == (0, (TRACEPARENT + "\nk=v").encode())
+
+
+async def test_no_parent_outside_a_traced_stream_is_not_found(load, tracing):
+    from .wat import plugin
+    host = await load(plugin())
+    assert (await _call(host, host.root, b"wasi:tracing/get-parent-span", b""))[0] == 1
+
+
+async def test_recorded_span_is_a_child_of_the_stream_span(load, tracing, exporter):
+    from .wat import plugin
+    host = await load(plugin(), name="ratelimit")
+    ctx = host.new_stream(StreamInfo(traceparent=TRACEPARENT)).ctx
+    record = {"name": "bucket lookup", "kind": "internal", "start_unix_nanos": 1_000,
+              "end_unix_nanos": 5_000, "attributes": {"bucket": "a", "tokens": 3},
+              "status": {"code": "error", "message": "denied"}}
+    status, span_id = await _call(host, ctx, b"wasi:tracing/record-span",
+                                  json.dumps(record).encode())
+    assert status == 0 and len(span_id) == 16
+    event = {"span_id": span_id.decode(), "name": "refill", "time_unix_nanos": 2_000,
+             "attributes": {"n": 1}}
+    assert (await _call(host, ctx, b"wasi:tracing/add-event", json.dumps(event).encode()))[0] == 0
+    tracing.flush()
+    (span,) = exporter.get_finished_spans()
+    assert span.name == "bucket lookup"
+    assert span.kind is SpanKind.INTERNAL
+    assert (span.start_time, span.end_time) == (1_000, 5_000)
+    assert f"{span.context.trace_id:032x}" == TRACEPARENT.split("-")[1]
+    assert f"{span.parent.span_id:016x}" == TRACEPARENT.split("-")[2]
+    assert f"{span.context.span_id:016x}" == span_id.decode()
+    assert span.attributes["bucket"] == "a" and span.attributes["meshgate.plugin"] == "ratelimit"
+    assert span.status.status_code is StatusCode.ERROR and span.status.description == "denied"
+    assert [e.name for e in span.events] == ["refill"]
+
+
+async def test_bad_arguments(load, tracing):
+    from .wat import plugin
+    host = await load(plugin())
+    ctx = host.new_stream(StreamInfo(traceparent=TRACEPARENT)).ctx
+    assert (await _call(host, ctx, b"wasi:tracing/record-span", b"{not json"))[0] == 4
+    assert (await _call(host, ctx, b"wasi:tracing/record-span", b'{"name": "x"}'))[0] == 2
+    unknown = json.dumps({"span_id": "00" * 8, "name": "e", "time_unix_nanos": 1}).encode()
+    assert (await _call(host, ctx, b"wasi:tracing/add-event", unknown))[0] == 1
