@@ -61,8 +61,16 @@ class HostAbort(Exception):
 _pending_exception: list[BaseException] = []
 
 
+def summarize_trap(message: str) -> str:
+    """One line from wasmtime's multi-line trap text: the cause, without the backtrace."""
+    if "Caused by:" in message:
+        cause = message.split("Caused by:", 1)[1].strip().splitlines()
+        return cause[0].strip() if cause else message
+    return message.strip().splitlines()[0] if message.strip() else message
+
+
 def _trap_from_ptr(trap: Any) -> WasmTrap:
-    message = wasmtime.Trap._from_ptr(trap).message
+    message = summarize_trap(wasmtime.Trap._from_ptr(trap).message)
     cause = _pending_exception.pop() if _pending_exception else None
     if cause is not None:
         message = f"{message}: {cause}"
@@ -70,7 +78,7 @@ def _trap_from_ptr(trap: Any) -> WasmTrap:
 
 
 def _error_from_ptr(error: Any) -> WasmTrap:
-    message = str(wasmtime.WasmtimeError._from_ptr(error))
+    message = summarize_trap(str(wasmtime.WasmtimeError._from_ptr(error)))
     cause = _pending_exception.pop() if _pending_exception else None
     if cause is not None:
         message = f"{cause}"
