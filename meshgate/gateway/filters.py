@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,114 +46,164 @@ def _wasm() -> Any:
     return wasm
 
 
-def _as_reply(action: Any) -> LocalReply | None:
-    """The host's action → None (carry on) or the reply the client gets."""
+class PluginReplied(Exception):
+    """A plugin answered while the body was flowing; the data path sends `reply`."""
+
+    def __init__(self, reply: LocalReply) -> None:
+        super().__init__(f"{reply.status} {reply.details}")
+        self.reply = reply
+
+
+class StreamReset(Exception):
+    """A plugin closed the stream (`proxy_close_stream`): reset without a reply."""
+
+
+class BodyTooLarge(Exception):
+    """A plugin held more body than the configured buffer limit."""
+
+
+def _outcome(action: Any) -> str:
+    """The host's action → "continue", "buffer", or raise for a reply or a reset."""
     wasm = _wasm()
     if isinstance(action, wasm.LocalReply):
         headers = tuple((k, v) for k, v in action.headers if not k.startswith(":"))
-        return LocalReply(action.status, headers, bytes(action.body or b""), action.details or "")
-    return None
-
-
-def _is_buffer(action: Any) -> bool:
-    return isinstance(action, _wasm().StopAndBuffer)
+        reply = LocalReply(action.status, headers, bytes(action.body or b""), action.details or "")
+        raise PluginReplied(reply)
+    if isinstance(action, wasm.ResetStream):
+        raise StreamReset()
+    return "buffer" if isinstance(action, wasm.StopAndBuffer) else "continue"
 
 
 class PluginChain:
-    """One request's streams, one per plugin of the listener."""
+    """One request's streams, one per plugin of the listener.
 
-    def __init__(self, streams: list[Any]) -> None:
+    Bodies flow through the plugins chunk by chunk, as Envoy's filters see them; a plugin
+    answering `StopAndBuffer` holds the data (its own buffer, up to `limit` bytes) and is
+    called again with everything it holds as more arrives, until it continues or the
+    body ends. Nothing is buffered unless a plugin asks.
+    """
+
+    def __init__(self, streams: list[Any], limit: int) -> None:
         self.streams = streams
+        self.limit = limit
         self.path: str | None = None
         self.status: int | None = None
-        self.wants_request_body = False
-        self.wants_response_body = False
-        self._request_map: Any = None
-        self._response_map: Any = None
 
     @classmethod
-    def start(cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any) -> PluginChain:
-        wasm = _wasm()
-        ctx = span.get_span_context()
-        traceparent = (
-            f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-            if ctx.is_valid
-            else None
-        )
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        sock = request.transport.get_extra_info("sockname") if request.transport else None
-        info = wasm.StreamInfo(
-            source_address=f"{peer[0]}:{peer[1]}" if peer else "",
-            destination_address=f"{sock[0]}:{sock[1]}" if sock else "",
-            request_id=request.headers.get("x-request-id", ""),
-            traceparent=traceparent,
-            tracestate=str(ctx.trace_state.to_header()) if ctx.is_valid else None,
-            span=span,
-        )
-        return cls([p.new_stream(info) for p in plugins])
+    def start(
+        cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int
+    ) -> PluginChain:
+        return cls([p.new_stream(_stream_info(request, span)) for p in plugins], limit)
 
     async def request_headers(
         self, method: str, path: str, headers: CIMultiDict[str], request: web.BaseRequest
-    ) -> LocalReply | None:
+    ) -> None:
+        """Run the plugins over the request headers, in filter order; edits land in
+        `headers` and `self.path`. Raises PluginReplied / StreamReset."""
         wasm = _wasm()
         pairs = [(":method", method), (":path", path), (":authority", request.host),
                  (":scheme", request.scheme)]  # fmt: skip
-        hmap = wasm.HeaderMap(pairs + [(k, v) for k, v in headers.items()])
+        hmap = wasm.HeaderMap(pairs + list(headers.items()))
         end = not request.body_exists
         for stream in self.streams:
-            action = await stream.request_headers(hmap, end)
-            reply = _as_reply(action)
-            if reply is not None:
-                return reply
-            self.wants_request_body |= _is_buffer(action) and not end
+            _outcome(await stream.request_headers(hmap, end))
         self.path = hmap.get(":path")
         _write_back(hmap, headers)
-        return None
 
-    async def request_body(self, body: bytes) -> tuple[LocalReply | None, bytes]:
-        for stream in self.streams:
-            action, body = await _body_call(stream.request_body, body)
-            reply = _as_reply(action)
-            if reply is not None:
-                return reply, body
-        return None, body
-
-    async def response_headers(self, status: int, headers: CIMultiDict[str]) -> LocalReply | None:
+    async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         wasm = _wasm()
         hmap = wasm.HeaderMap([(":status", str(status))] + list(headers.items()))
         for stream in reversed(self.streams):
-            action = await stream.response_headers(hmap, False)
-            reply = _as_reply(action)
-            if reply is not None:
-                return reply
-            self.wants_response_body |= _is_buffer(action)
+            _outcome(await stream.response_headers(hmap, False))
         new_status = hmap.get(":status")
         self.status = int(new_status) if new_status and new_status.isdigit() else None
         _write_back(hmap, headers)
-        return None
 
-    async def response_body(self, body: bytes) -> tuple[LocalReply | None, bytes]:
-        for stream in reversed(self.streams):
-            action, body = await _body_call(stream.response_body, body)
-            reply = _as_reply(action)
-            if reply is not None:
-                return reply, body
-        return None, body
+    def request_body(self, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return self._body([s.request_body for s in self.streams], source)
 
-    def finish(self) -> None:
+    def response_body(self, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        return self._body([s.response_body for s in reversed(self.streams)], source)
+
+    async def whole_response_body(self, body: bytes) -> bytes:
+        """The response body already read whole: one pass with end_of_stream."""
+        out = bytearray()
+        async for chunk in self._body(
+            [s.response_body for s in reversed(self.streams)], _once(body)
+        ):
+            out += chunk
+        return bytes(out)
+
+    async def _body(
+        self, callbacks: list[Any], source: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        held = [bytearray() for _ in callbacks]
+        iterator = source.__aiter__()
+        pending: bytes | None = await _next(iterator)
+        while pending is not None:
+            following = await _next(iterator)
+            end = following is None
+            out = await self._through(callbacks, held, pending, end)
+            if out:
+                yield out
+            pending = following
+            if end:
+                return
+        # An empty body (or one that ended on a chunk boundary) still reaches the plugins
+        # with end_of_stream, so a buffering plugin gets to decide.
+        out = await self._through(callbacks, held, b"", True)
+        if out:
+            yield out
+
+    async def _through(
+        self, callbacks: list[Any], held: list[bytearray], data: bytes, end: bool
+    ) -> bytes:
+        for i, callback in enumerate(callbacks):
+            held[i] += data
+            if _outcome(await callback(held[i], end)) == "buffer" and not end:
+                if len(held[i]) > self.limit:
+                    raise BodyTooLarge(f"plugin buffered over {self.limit} bytes")
+                return b""
+            data, held[i] = bytes(held[i]), bytearray()
+        return data
+
+    async def finish(self) -> None:
         for stream in self.streams:
             try:
-                stream.finish()
+                await stream.finish()
             except Exception:  # a plugin failing in on_done must not fail the response
                 log.exception("plugin stream finish failed")
 
 
-async def _body_call(method: Any, body: bytes) -> tuple[Any, bytes]:
-    """Call a body callback with the whole body; the host may hand back an edited body."""
-    result = await method(body, True)
-    if isinstance(result, tuple):
-        return result[0], bytes(result[1])
-    return result, body
+def _stream_info(request: web.BaseRequest, span: Any) -> Any:
+    ctx = span.get_span_context()
+    traceparent = tracestate = None
+    if ctx.is_valid:
+        traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+        tracestate = ctx.trace_state.to_header() or None
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport else None
+    sock = transport.get_extra_info("sockname") if transport else None
+    return _wasm().StreamInfo(
+        source_address=f"{peer[0]}:{peer[1]}" if peer else "",
+        destination_address=f"{sock[0]}:{sock[1]}" if sock else "",
+        request_id=request.headers.get("x-request-id", ""),
+        traceparent=traceparent,
+        tracestate=tracestate,
+        span=span,
+    )
+
+
+async def _next(iterator: AsyncIterator[bytes]) -> bytes | None:
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    if body:
+        yield body
 
 
 def _write_back(hmap: Any, headers: CIMultiDict[str]) -> None:

@@ -124,9 +124,14 @@ async def _download(url: str, timeout_s: float, where: str) -> bytes:
             async with session.get(url) as resp:
                 if resp.status != 200:
                     raise UnsupportedConfig(f"{where}: fetch answered HTTP {resp.status}")
-                data = await resp.content.read(MAX_PLUGIN_BYTES + 1)
+                data = bytearray()
+                # read(n) returns what has arrived, not n bytes: loop to the end.
+                async for chunk in resp.content.iter_any():
+                    data += chunk
+                    if len(data) > MAX_PLUGIN_BYTES:
+                        break
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise UnsupportedConfig(f"{where}: fetch failed: {exc!r}") from exc
     if len(data) > MAX_PLUGIN_BYTES:
         raise UnsupportedConfig(f"{where}: binary larger than {MAX_PLUGIN_BYTES} bytes")
-    return data
+    return bytes(data)

@@ -26,7 +26,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from yarl import URL
 
 from meshgate.gateway.config import ConfigHolder, ListenerConfig, SidecarConfig
-from meshgate.gateway.filters import LocalReply, PluginChain
+from meshgate.gateway.filters import (
+    BodyTooLarge,
+    LocalReply,
+    PluginChain,
+    PluginReplied,
+    StreamReset,
+)
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.resources import Endpoint, Route
 from meshgate.gateway.upstream import NoHealthyUpstream, UpstreamCluster
@@ -129,15 +135,24 @@ class DataPath:
                 ProxyError(503, "cluster_not_found", route.cluster)
             )
         up_headers = self._upstream_headers(request)
-        chain = PluginChain.start(lc.plugins, request, span) if lc.plugins else None
+        chain = None
+        if lc.plugins:
+            limit = self.settings.max_buffered_body
+            chain = PluginChain.start(lc.plugins, request, span, limit)
         try:
             return route.cluster, await self._exchange(request, route, cluster, up_headers, chain)
         except ProxyError as exc:
             log.warning("%s %s → %s", request.method, request.raw_path, exc)
             return route.cluster, _error_response(exc)
+        except PluginReplied as replied:
+            return route.cluster, _local_reply(replied.reply)
+        except StreamReset:
+            if request.transport is not None:
+                request.transport.close()
+            return route.cluster, web.Response(status=499)
         finally:
             if chain is not None:
-                chain.finish()
+                await chain.finish()
 
     def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
         out = strip_hop_by_hop(request.headers)
@@ -160,36 +175,21 @@ class DataPath:
         chain: PluginChain | None,
     ) -> web.StreamResponse:
         path = route.rewrite(request.raw_path)
-        body: bytes | AsyncIterator[bytes] | None = None
+        body: AsyncIterator[bytes] | None = None
         if chain is not None:
-            reply = await chain.request_headers(request.method, path, up_headers, request)
-            if reply is not None:
-                return _local_reply(reply, up_headers)
+            await chain.request_headers(request.method, path, up_headers, request)
             path = chain.path or path
-            if chain.wants_request_body:
-                body = await self._buffer_request(request)
-                reply, body = await chain.request_body(body)
-                if reply is not None:
-                    return _local_reply(reply, up_headers)
-                up_headers["content-length"] = str(len(body))
-        if body is None and request.body_exists:
+        if request.body_exists:
             body = _body_stream(request, self.settings.body_idle_timeout_s)
+            if chain is not None:
+                # Plugins may resize the body: let aiohttp frame it (chunked).
+                up_headers.popall("content-length", None)
+                body = chain.request_body(body)
         upstream = await self._send(request.method, path, route, cluster, up_headers, body)
         try:
-            return await self._respond(request, upstream, chain, up_headers)
+            return await self._respond(request, upstream, chain)
         finally:
             upstream.release()
-
-    async def _buffer_request(self, request: web.BaseRequest) -> bytes:
-        limit = self.settings.max_buffered_body
-        if (request.content_length or 0) > limit:
-            raise ProxyError(413, "request_body_too_large", f"content-length over {limit}")
-        data = bytearray()
-        async for chunk in _body_stream(request, self.settings.body_idle_timeout_s):
-            data += chunk
-            if len(data) > limit:
-                raise ProxyError(413, "request_body_too_large", f"body over {limit} bytes")
-        return bytes(data)
 
     async def _send(
         self,
@@ -214,6 +214,10 @@ class DataPath:
             )  # fmt: skip
         except BodyStreamError as exc:
             raise ProxyError(exc.status, exc.cause, str(exc)) from exc
+        except (PluginReplied, StreamReset):
+            raise
+        except BodyTooLarge as exc:
+            raise ProxyError(413, "request_body_too_large", str(exc)) from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise ProxyError(503, "upstream_connect_timeout", f"{endpoint}") from exc
         except aiohttp.ClientConnectorError as exc:
@@ -235,30 +239,22 @@ class DataPath:
         request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
         chain: PluginChain | None,
-        req_headers: CIMultiDict[str],
     ) -> web.StreamResponse:
         headers = strip_hop_by_hop(upstream.headers)
         status = upstream.status
         if chain is not None:
-            reply = await chain.response_headers(status, headers)
-            if reply is not None:
-                return _local_reply(reply, req_headers)
+            await chain.response_headers(status, headers)
             status = chain.status or status
-            if chain.wants_response_body:
-                body = await self._read_upstream(upstream)
-                reply, body = await chain.response_body(body)
-                if reply is not None:
-                    return _local_reply(reply, req_headers)
-                headers.popall("content-length", None)
-                return web.Response(status=status, headers=headers, body=body)
         length = upstream.content_length
         if request.method == "HEAD" or status in (204, 304):
             return web.Response(status=status, headers=headers)
         if length is not None and length <= SMALL_BODY:
             body = await self._read_upstream(upstream)
+            if chain is not None:
+                body = await chain.whole_response_body(body)
             headers.popall("content-length", None)
             return web.Response(status=status, headers=headers, body=body)
-        return await self._stream(request, upstream, status, headers)
+        return await self._stream(request, upstream, status, headers, chain)
 
     async def _read_upstream(self, upstream: aiohttp.ClientResponse) -> bytes:
         limit = self.settings.max_buffered_body
@@ -283,17 +279,21 @@ class DataPath:
         upstream: aiohttp.ClientResponse,
         status: int,
         headers: CIMultiDict[str],
+        chain: PluginChain | None,
     ) -> web.StreamResponse:
         length = upstream.content_length
         headers.popall("content-length", None)
         response = web.StreamResponse(status=status, headers=headers)
-        if length is not None:
+        chunks: AsyncIterator[bytes] = upstream.content.iter_any()
+        if chain is not None:
+            chunks = chain.response_body(chunks)  # may resize: send chunked
+        elif length is not None:
             response.content_length = length
         await response.prepare(request)
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in chunks:
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, PluginReplied, StreamReset, BodyTooLarge) as exc:
             # Headers are out: the only honest signal left is to cut the connection.
             log.warning("upstream failed mid-body for %s: %r", request.raw_path, exc)
             if request.transport is not None:
@@ -333,6 +333,10 @@ def _body_cause(exc: BaseException) -> tuple[int, str] | None:
     while seen is not None:
         if isinstance(seen, BodyStreamError):
             return seen.status, seen.cause
+        if isinstance(seen, BodyTooLarge):
+            return 413, "request_body_too_large"
+        if isinstance(seen, PluginReplied | StreamReset):
+            raise seen
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -352,7 +356,7 @@ def _error_response(exc: ProxyError) -> web.Response:
     )
 
 
-def _local_reply(reply: LocalReply, req_headers: CIMultiDict[str]) -> web.Response:
+def _local_reply(reply: LocalReply) -> web.Response:
     headers = CIMultiDict(reply.headers)
     if reply.details:
         headers.setdefault(ERROR_HEADER, reply.details)

@@ -180,13 +180,16 @@ class XdsClient:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             method = stub.DeltaAggregatedResources if self.delta else stub.StreamAggregatedResources
             call = method(_Outbox(outbox))
-            # Connected means the stream is up, not that a response came: a delta server
-            # answers a reconnect that already holds every version with nothing at all.
-            await call.wait_for_connection()
-            self.connected = True
-            self._backoff.attempt = 0
-            async for response in call:
-                await self._handle(response, outbox)
+            try:
+                # Connected means the stream is up, not that a response came: a delta
+                # server answers a reconnect that already holds every version with nothing.
+                await call.wait_for_connection()
+                self.connected = True
+                self._backoff.attempt = 0
+                async for response in call:
+                    await self._handle(response, outbox)
+            finally:
+                call.cancel()  # stops gRPC's task that reads our request iterator
 
     # ------------------------------------------------------------ requests
 

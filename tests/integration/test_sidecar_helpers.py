@@ -139,3 +139,17 @@ async def wait_until(predicate: Any, timeout: float, what: str) -> None:
 
 def dump(sidecar: Sidecar) -> str:
     return json.dumps(sidecar.config_dump(), default=str)
+
+
+def plugin_path(file_name: str) -> Path | None:
+    """A built plugin: `make setup` puts them in build/plugins; a bare cargo build leaves
+    them in the cargo target folder."""
+    import os
+
+    from tests.support.stack import PLUGINS
+
+    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/meshgate/cargo-target"))
+    for candidate in (PLUGINS / file_name, target / "wasm32-wasip1/release" / file_name):
+        if candidate.is_file():
+            return candidate
+    return None
