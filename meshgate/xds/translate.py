@@ -246,7 +246,10 @@ def _lb_endpoints(
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=name,
         endpoints=[
+            # gRPC's xDS client ignores a locality without a weight.
             endpoint_components_pb2.LocalityLbEndpoints(
+                locality=base_pb2.Locality(zone="default"),
+                load_balancing_weight=wrappers_pb2.UInt32Value(value=1),
                 lb_endpoints=[
                     endpoint_components_pb2.LbEndpoint(
                         endpoint=endpoint_components_pb2.Endpoint(
@@ -280,7 +283,7 @@ def _plugin_extension(plugin: Plugin, server: PluginServer) -> extension_pb2.Typ
             uri=server.url(plugin.sha256), cluster=PLUGIN_CLUSTER, timeout=r.duration(10.0)
         ),
         sha256=plugin.sha256,
-        retry_policy=base_pb2.RetryPolicy(num_retries=5),
+        retry_policy=base_pb2.RetryPolicy(num_retries=wrappers_pb2.UInt32Value(value=5)),
     )
     plugin_config = wasm_pb2.PluginConfig(
         name=plugin.name,
