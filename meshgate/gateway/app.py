@@ -245,3 +245,39 @@ def install_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m meshgate.gateway.app --xds 127.0.0.1:18000 --node-id sidecar-0`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="meshgate sidecar", description=main.__doc__)
+    parser.add_argument("--xds", required=True, help="control server ADS address, host:port")
+    parser.add_argument("--node-id", required=True)
+    parser.add_argument("--node-cluster", default="meshgate-sidecar")
+    parser.add_argument("--admin-host", default="127.0.0.1")
+    parser.add_argument("--admin-port", type=int, default=15000)
+    parser.add_argument("--sotw", action="store_true", help="state-of-the-world, not delta")
+    parser.add_argument("--drain-timeout", type=float, default=10.0)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    install_uvloop()
+    asyncio.run(
+        run_sidecar(
+            args.xds,
+            args.node_id,
+            args.node_cluster,
+            admin_host=args.admin_host,
+            admin_port=args.admin_port,
+            delta=not args.sotw,
+            drain_timeout_s=args.drain_timeout,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
