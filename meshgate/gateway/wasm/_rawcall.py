@@ -20,6 +20,7 @@ sizes in wasm32 are unsigned), i64 values as signed ints.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -146,14 +147,15 @@ class RawFunc:
         return vals[0].i64
 
 
-def _make_trampoline(params: str, results: str, fn: HostCallable, on_bad_memory: int) -> Any:
-    """Build the C callback for one host function.
+@functools.cache
+def _trampoline_factory(params: str, results: str, on_bad_memory: int) -> Any:
+    """Compile, once per signature, a factory that wraps a host function in a C callback.
 
     The argument reads are generated per signature so the hot path is one Python call with
     plain ints and no per-argument type dispatch. A ``GuestMemoryError`` (a bad pointer from
     the plugin) becomes the status ``on_bad_memory``; a ``WasmTrap`` from a nested call into
     the guest or a ``HostAbort`` stops the guest with a trap; any other exception is a host
-    bug: it is logged and answered with ``on_internal_error`` rather than killing the plugin.
+    bug: it is logged and answered with INTERNAL_FAILURE rather than killing the plugin.
     """
     reads = ", ".join(
         f"a[{i}].i32 & {_U32}" if t == "i" else f"a[{i}].i64" for i, t in enumerate(params)
@@ -167,25 +169,32 @@ def _make_trampoline(params: str, results: str, fn: HostCallable, on_bad_memory:
         bad = f"a[0].{field} = {on_bad_memory}"
         internal = f"a[0].{field} = internal_error"
     src = (
-        "def trampoline(env, caller, a, n):\n"
-        "    try:\n"
-        f"        {store}\n"
-        "    except GuestMemoryError:\n"
-        f"        {bad}\n"
-        "    except (WasmTrap, HostAbort) as e:\n"
-        "        return fail(e)\n"
-        "    except Exception as e:\n"
-        "        log_internal(fn, e)\n"
-        f"        {internal}\n"
-        "    return 0\n"
+        "def factory(fn):\n"
+        "    def trampoline(env, caller, a, n):\n"
+        "        try:\n"
+        f"            {store}\n"
+        "        except GuestMemoryError:\n"
+        f"            {bad}\n"
+        "        except (WasmTrap, HostAbort) as e:\n"
+        "            return fail(e)\n"
+        "        except Exception as e:\n"
+        "            log_internal(fn, e)\n"
+        f"            {internal}\n"
+        "        return 0\n"
+        "    return callback_type(trampoline)\n"
     )
     namespace: dict[str, Any] = {
-        "fn": fn, "fail": _fail, "GuestMemoryError": GuestMemoryError, "WasmTrap": WasmTrap,
+        "fail": _fail, "GuestMemoryError": GuestMemoryError, "WasmTrap": WasmTrap,
         "HostAbort": HostAbort, "log_internal": _log_internal,
         "internal_error": INTERNAL_ERROR_STATUS,
+        "callback_type": ffi.wasmtime_func_unchecked_callback_t,
     }
     exec(src, namespace)  # noqa: S102 - generated from the signature string only
-    return ffi.wasmtime_func_unchecked_callback_t(namespace["trampoline"])
+    return namespace["factory"]
+
+
+def _functype(params: str, results: str) -> wasmtime.FuncType:
+    return wasmtime.FuncType([_VALTYPES[p]() for p in params], [_VALTYPES[r]() for r in results])
 
 
 # proxy_status_t INTERNAL_FAILURE; WASI callers see it as an unknown errno, which is
@@ -220,9 +229,8 @@ class HostFunctionTable:
 
     def define(self, module: str, name: str, params: str, results: str,
                fn: HostCallable, on_bad_memory: int = 6) -> None:
-        ty = wasmtime.FuncType([_VALTYPES[p]() for p in params],
-                               [_VALTYPES[r]() for r in results])
-        cb = _make_trampoline(params, results, fn, on_bad_memory)
+        ty = _functype(params, results)
+        cb = _trampoline_factory(params, results, on_bad_memory)(fn)
         self._callbacks.append((cb, ty))
         m, n = module.encode(), name.encode()
         error = ffi.wasmtime_linker_define_func_unchecked(

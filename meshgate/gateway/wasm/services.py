@@ -194,6 +194,8 @@ class HostServices:
     shared_data: SharedDataStore = field(default_factory=SharedDataStore)
     shared_queues: SharedQueues = field(default_factory=SharedQueues)
     engine: wasmtime.Engine = field(default_factory=make_engine)
+    #: The proxy-wasm import table, linked once per engine by the plugin host.
+    host_imports: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = MetricStore(self.metrics_registry)

@@ -1,0 +1,181 @@
+"""Benchmark the proxy-wasm host: per-callback and per-request cost, cold vs cached start.
+
+Run: .venv/bin/python bench/wasm_host.py [--plugins build/plugins] [-n 3000]
+
+Prints µs figures and ratios against baselines measured in the same run:
+- a no-op plugin's request (headers, response headers, log/done/delete: 6 callbacks)
+  through the host vs the same six callbacks through wasmtime-py's ``Func.__call__``;
+- rate-limit + auth (if built, ``bash plugins/build.sh build/plugins``) per request;
+- plugin start with an empty module cache (compile) vs a warm one (deserialise), and the
+  first request after a cached start (the "plugin push" path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import wasmtime
+
+from meshgate.gateway.wasm import HeaderMap, HostServices, PluginHost, PluginSpec, StreamInfo
+
+NOOP = """
+(module
+  (memory (export "memory") 1)
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "malloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_vm_start") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_configure") (param i32 i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (i32.const 0))
+  (func (export "proxy_on_log") (param i32))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32)))
+"""
+
+API_KEY = "bench-secret"
+
+
+def request_headers() -> HeaderMap:
+    return HeaderMap([(":method", "GET"), (":path", "/api/items?id=7"), (":authority", "svc"),
+                      (":scheme", "http"), ("user-agent", "bench"), ("x-api-key", API_KEY),
+                      ("x-request-id", "0b7f6f0e-7d1c-4a43-9d8e-3f0c1f5f1a10")])
+
+
+async def one_request(hosts: list[PluginHost]) -> None:
+    info = StreamInfo(source_address="127.0.0.1:40000", destination_address="127.0.0.1:8080")
+    streams = [h.new_stream(info) for h in hosts]
+    headers = request_headers()
+    for s in streams:
+        await s.request_headers(headers, True)
+    response = HeaderMap([(":status", "200"), ("content-type", "text/plain")])
+    for s in reversed(streams):
+        await s.response_headers(response, True)
+    for s in streams:
+        s.finish()
+
+
+async def per_request_us(hosts: list[PluginHost], n: int) -> float:
+    for _ in range(50):
+        await one_request(hosts)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        await one_request(hosts)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+async def bare_request_us(n: int) -> float:
+    """The host-independent part: building the maps and awaiting, with no plugin."""
+    async def nothing(*_a: object) -> None:
+        return None
+
+    t0 = time.perf_counter()
+    for _ in range(n):
+        StreamInfo(source_address="127.0.0.1:40000")
+        request_headers()
+        HeaderMap([(":status", "200")])
+        await nothing()
+        await nothing()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def generic_noop_request_us(n: int) -> float:
+    engine = wasmtime.Engine()
+    store = wasmtime.Store(engine)
+    inst = wasmtime.Instance(store, wasmtime.Module(engine, NOOP), [])
+    ex = inst.exports(store)
+    create, reqh, resph = ex["proxy_on_context_create"], ex["proxy_on_request_headers"], \
+        ex["proxy_on_response_headers"]
+    on_log, on_done, on_delete = ex["proxy_on_log"], ex["proxy_on_done"], ex["proxy_on_delete"]
+    t0 = time.perf_counter()
+    for i in range(n):
+        create(store, i + 2, 1)
+        reqh(store, i + 2, 7, 1)
+        resph(store, i + 2, 2, 1)
+        on_log(store, i + 2)
+        on_done(store, i + 2)
+        on_delete(store, i + 2)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def rate_limit_and_auth(plugins: Path) -> list[PluginSpec] | None:
+    rl, auth = plugins / "rate_limit.wasm", plugins / "auth.wasm"
+    if not (rl.exists() and auth.exists()):
+        return None
+    digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+    auth_conf = {"api_keys": {"header": "x-api-key", "keys": [{"id": "bench", "sha256": digest}]}}
+    rl_conf = {"rules": [{"name": "all", "rate": {"tokens": 1_000_000_000}}]}
+    return [PluginSpec("rate_limit", rl.read_bytes(), json.dumps(rl_conf).encode(),
+                       root_id="rate_limit", vm_id="rate_limit"),
+            PluginSpec("auth", auth.read_bytes(), json.dumps(auth_conf).encode(),
+                       root_id="auth", vm_id="auth")]
+
+
+async def start_times(spec: PluginSpec, cache_dir: Path) -> tuple[float, float, float]:
+    """(cold start ms, cached start ms, cached start + first request ms)."""
+    cold_services = HostServices(module_cache_dir=cache_dir)
+    t0 = time.perf_counter()
+    host = await PluginHost.create(spec, cold_services)
+    cold = (time.perf_counter() - t0) * 1e3
+    await host.close()
+    warm_services = HostServices(module_cache_dir=cache_dir)
+    t0 = time.perf_counter()
+    host = await PluginHost.create(spec, warm_services)
+    cached = (time.perf_counter() - t0) * 1e3
+    await one_request([host])
+    first = (time.perf_counter() - t0) * 1e3
+    await host.close()
+    cold_services.close()
+    warm_services.close()
+    return cold, cached, first
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plugins", type=Path, default=Path("build/plugins"))
+    parser.add_argument("-n", type=int, default=3000)
+    args = parser.parse_args()
+    n = args.n
+
+    services = HostServices()
+    noop = await PluginHost.create(PluginSpec("noop", bytes(wasmtime.wat2wasm(NOOP))), services)
+    bare = await bare_request_us(n)
+    host_noop = await per_request_us([noop], n)
+    generic = generic_noop_request_us(n)
+    print(f"bare request (maps + awaits, no plugin)   {bare:8.1f} µs")
+    print(f"no-op plugin, 6 callbacks, meshgate host  {host_noop:8.1f} µs"
+          f"  ({(host_noop - bare) / 6:5.1f} µs per callback above bare)")
+    print(f"no-op plugin, 6 callbacks, Func.__call__  {generic:8.1f} µs"
+          f"  ratio generic/host {generic / host_noop:5.2f}x")
+
+    specs = rate_limit_and_auth(args.plugins)
+    if specs is None:
+        print(f"rate-limit + auth: not built under {args.plugins} (skipped)")
+    else:
+        pair = [await PluginHost.create(s, services) for s in specs]
+        pair_us = await per_request_us(pair, n)
+        print(f"rate-limit + auth, per request            {pair_us:8.1f} µs"
+              f"  = {pair_us / host_noop:5.1f}x the no-op plugin")
+        for spec in specs:
+            with tempfile.TemporaryDirectory() as d:
+                cold, cached, first = await start_times(spec, Path(d))
+            print(f"{spec.name:10s} start: cold {cold:7.1f} ms  cached {cached:6.2f} ms"
+                  f"  (cold/cached {cold / cached:5.1f}x)  cached+first request {first:6.2f} ms")
+        for h in pair:
+            await h.close()
+    with tempfile.TemporaryDirectory() as d:
+        cold, cached, first = await start_times(noop.spec, Path(d))
+    print(f"noop       start: cold {cold:7.1f} ms  cached {cached:6.2f} ms"
+          f"  (cold/cached {cold / cached:5.1f}x)  cached+first request {first:6.2f} ms")
+    await noop.close()
+    services.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
