@@ -1,0 +1,236 @@
+"""Sidecar throughput and latency against Envoy, same machine, same upstream, one run.
+
+    .venv/bin/python bench/sidecar_bench.py [--seconds 10] [--connections 16]
+
+Starts meshgate's control server, one aiohttp upstream, the sidecar (one process, one
+event loop) and Envoy (`--concurrency 1`), all fed by the same control server and the
+same plugins (rate-limit with a limit no run reaches, and auth with an API key), then
+drives each with `wrk -t1` (from Debian: `apt-get install wrk`) and prints requests/s,
+p50/p99 and the ratios the sidecar is held to. Not a test: numbers vary with the load
+the machine has; the ratios compare runs made minutes apart on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+API_KEY = "bench-key"
+UPSTREAM = """
+import sys
+from aiohttp import web
+async def ok(request):
+    return web.Response(body=b"ok" * 32)
+app = web.Application()
+app.router.add_route("*", "/{tail:.*}", ok)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def plugin(name: str) -> Path:
+    target = Path(os.environ.get("CARGO_TARGET_DIR", Path.home() / ".cache/meshgate/cargo-target"))
+    for candidate in (REPO / "build/plugins" / name, target / "wasm32-wasip1/release" / name):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(f"plugin {name} not built: run `make setup` first")
+
+
+def mesh_config(ports: dict[str, int]) -> dict[str, object]:
+    key_sha = hashlib.sha256(API_KEY.encode()).hexdigest()
+    route = [{"name": "all", "prefix": "/", "cluster": "upstream"}]
+    return {
+        "listeners": [
+            {"name": "bare", "port": ports["bare"], "routes": route},
+            {
+                "name": "plugged",
+                "port": ports["plugged"],
+                "routes": route,
+                "plugins": ["rate-limit", "auth"],
+            },
+        ],  # fmt: skip
+        "clusters": [{"name": "upstream", "endpoints": [f"127.0.0.1:{ports['upstream']}"]}],
+        "plugins": [
+            {
+                "name": "rate-limit",
+                "wasm": str(plugin("rate_limit.wasm")),
+                "config": {
+                    "rules": [{"name": "all", "rate": {"tokens": 1_000_000_000, "per_seconds": 1}}]
+                },
+            },
+            {
+                "name": "auth",
+                "wasm": str(plugin("auth.wasm")),
+                "config": {"api_keys": {"keys": [{"id": "bench", "sha256": key_sha}]}},
+            },
+        ],  # fmt: skip
+        "nodes": [
+            {"cluster": "meshgate-sidecar", "listeners": ["bare", "plugged"]},
+            {"cluster": "envoy", "listeners": ["plugged"], "ports": {"plugged": ports["envoy"]}},
+        ],
+    }
+
+
+@contextlib.contextmanager
+def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def wait_ok(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            request = urllib.request.Request(url, headers={"x-api-key": API_KEY})
+            with urllib.request.urlopen(request, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"{url} never answered 200")
+
+
+def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+         "-H", f"x-api-key: {API_KEY}", url],
+        capture_output=True, text=True, timeout=seconds + 60, check=True,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def pct(p: str) -> float:
+        value, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
+            "non_2xx": float(errors.group(1)) if errors else 0.0}  # fmt: skip
+
+
+def run(seconds: int, connections: int) -> dict[str, dict[str, float]]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    sys.path.insert(0, str(REPO))
+    from meshgate.envoy import find_envoy
+    from meshgate.xds.bootstrap import envoy_bootstrap
+
+    tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
+    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "envoy_admin")
+    ports = {name: free_port() for name in names}
+    import yaml
+
+    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports)))
+    bootstrap = envoy_bootstrap(
+        node_id="envoy-bench",
+        node_cluster="envoy",
+        xds_host="127.0.0.1",
+        xds_port=ports["xds"],
+        admin_port=ports["envoy_admin"],
+        delta=False,
+    )
+    (tmp / "envoy.json").write_text(json.dumps(bootstrap))
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
+        stack.enter_context(
+            process(
+                [
+                    PY,
+                    "-m",
+                    "meshgate.cli",
+                    "serve",
+                    "--config",
+                    str(tmp / "meshgate.yaml"),
+                    "--xds-port",
+                    str(ports["xds"]),
+                    "--http-port",
+                    str(ports["http"]),
+                ],
+                tmp / "cs.log",
+            )
+        )
+        stack.enter_context(
+            process(
+                [
+                    PY,
+                    "-m",
+                    "meshgate.gateway.app",
+                    "--xds",
+                    f"127.0.0.1:{ports['xds']}",
+                    "--node-id",
+                    "sidecar-bench",
+                    "--admin-port",
+                    str(ports["admin"]),
+                    "--log-level",
+                    "WARNING",
+                ],
+                tmp / "sidecar.log",
+            )
+        )
+        stack.enter_context(process(
+            [find_envoy(), "-c", str(tmp / "envoy.json"), "--concurrency", "1", "-l", "error",
+             "--use-dynamic-base-id"], tmp / "envoy.log"))  # fmt: skip
+        targets = {
+            "sidecar (bare)": f"http://127.0.0.1:{ports['bare']}/",
+            "sidecar (rate-limit + auth)": f"http://127.0.0.1:{ports['plugged']}/",
+            "envoy 1 worker (rate-limit + auth)": f"http://127.0.0.1:{ports['envoy']}/",
+        }
+        for url in targets.values():
+            wait_ok(url)
+        results = {}
+        for name, url in targets.items():
+            wrk(url, 2, connections)  # warm up: JIT-less, but pools and caches fill
+            results[name] = wrk(url, seconds, connections)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args()
+    results = run(args.seconds, args.connections)
+    print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run")
+    print(f"{'target':40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    for name, r in results.items():
+        print(
+            f"{name:40} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['non_2xx']:8.0f}"
+        )
+    bare, plugged, envoy = (r["rps"] for r in results.values())
+    print(f"sidecar with plugins / bare sidecar: {plugged / bare:.2f} (target >= 0.80)")
+    print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40)")
+
+
+if __name__ == "__main__":
+    main()
