@@ -387,8 +387,14 @@ _KNOWN_IMPORTS = {("env", name) for name, _, _ in ENV_SIGNATURES} | {
 }
 
 
+_IMPORTS_CHECKED: set[str] = set()
+
+
 def _check_imports(spec: PluginSpec, module: wasmtime.Module) -> None:
     """Refuse unknown imports up front with a readable message (Envoy refuses them too)."""
+    if spec.sha256 in _IMPORTS_CHECKED:
+        return
     for imp in module.imports:
         if (imp.module, imp.name) not in _KNOWN_IMPORTS:
             raise _load_error(spec, f"unknown import {imp.module}.{imp.name}")
+    _IMPORTS_CHECKED.add(spec.sha256)

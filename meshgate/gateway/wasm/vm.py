@@ -40,19 +40,28 @@ class PluginVM:
         if not isinstance(memory, wasmtime.Memory):
             raise VMLoadError("module exports no linear memory named 'memory'")
         self.mem = GuestMemory(self.store, memory)
-        self.funcs: dict[str, RawFunc] = {
-            name: RawFunc(self.store, f, name)
-            for name, f in found.items() if isinstance(f, wasmtime.Func)
-        }
-        self._alloc = self.funcs.get("malloc") or self.funcs.get("proxy_on_memory_allocate")
+        self._exports = found
+        # RawFuncs are built on first use: a plugin exports dozens of functions and a
+        # cached start should not pay for the ones no request calls.
+        self.funcs: dict[str, RawFunc | None] = {}
+        self._alloc = self._func("malloc") or self._func("proxy_on_memory_allocate")
         self.broken = False
 
+    def _func(self, name: str) -> RawFunc | None:
+        try:
+            return self.funcs[name]
+        except KeyError:
+            f = self._exports.get(name)
+            raw = RawFunc(self.store, f, name) if isinstance(f, wasmtime.Func) else None
+            self.funcs[name] = raw
+            return raw
+
     def has(self, name: str) -> bool:
-        return name in self.funcs
+        return self._func(name) is not None
 
     def call(self, name: str, *args: int) -> int | None:
         """Call export ``name`` (None if the plugin does not export it)."""
-        func = self.funcs.get(name)
+        func = self.funcs.get(name) or self._func(name)
         if func is None:
             return None
         if self.depth == 0:
@@ -71,7 +80,8 @@ class PluginVM:
         ``_start``, as proxy-wasm-cpp-host does."""
         if self.has("_initialize"):
             self.call("_initialize")
-            if self.has("main") and self.funcs["main"].params == "ii":
+            main = self._func("main")
+            if main is not None and main.params == "ii":
                 self.call("main", 0, 0)
             elif self.has("__main_void"):
                 self.call("__main_void")
