@@ -42,8 +42,8 @@ async def watch_config(
     apply: Callable[[MeshConfig], None],
     reject: Callable[[str], None],
     *,
-    interval: float = 0.25,
-    settle: float = 0.2,
+    interval: float = 0.1,
+    settle: float = 0.1,
 ) -> None:
     paths = watched_paths(path, current)
     seen = fingerprint(paths)
