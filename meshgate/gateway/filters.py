@@ -170,7 +170,9 @@ class PluginChain:
     async def finish(self) -> None:
         for stream in self.streams:
             try:
-                await stream.finish()
+                done = stream.finish()
+                if done is not None:  # the host's finish() was async in an earlier version
+                    await done
             except Exception:  # a plugin failing in on_done must not fail the response
                 log.exception("plugin stream finish failed")
 
