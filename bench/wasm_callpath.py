@@ -64,13 +64,14 @@ def main(n: int = 50_000) -> None:
             noop_g(store_g, i, 1)
 
     def raw_calls(k: int) -> None:
+        call = noop_u.call
         for i in range(k):
-            noop_u(i, 1)
+            call(i, 1)
 
     call_g = _per_call_us(generic_calls, n)
     call_u = _per_call_us(raw_calls, n)
     host_g = _per_call_us(lambda k: host_loop_g(store_g, k), n)
-    host_u = _per_call_us(lambda k: host_loop_u(k), n)
+    host_u = _per_call_us(lambda k: host_loop_u.call(k), n)
     print(f"call into wasm   : Func.__call__ {call_g:7.2f} µs  unchecked {call_u:6.2f} µs"
           f"  ratio {call_g / call_u:5.1f}x")
     print(f"host fn from wasm: define_func   {host_g:7.2f} µs  unchecked {host_u:6.2f} µs"

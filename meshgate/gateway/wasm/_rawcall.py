@@ -96,22 +96,21 @@ class RawFunc:
     plugin is inside a callback, which is a different export with its own array.
     """
 
-    __slots__ = ("name", "_ctx", "_func", "_func_ref", "_vals", "_params", "_results",
-                 "_trap", "_trap_ref", "_call")
+    __slots__ = ("name", "_func", "_vals", "_params", "_results", "_trap", "call")
 
     def __init__(self, store: wasmtime.Store, func: wasmtime.Func, name: str) -> None:
         ty = func.type(store)
         self.name = name
         self._params = "".join("I" if str(p) == "i64" else "i" for p in ty.params)
         self._results = "".join("I" if str(r) == "i64" else "i" for r in ty.results)
-        self._ctx = store._context()
         self._func = func._func  # keep the wasmtime_func_t struct alive
-        self._func_ref = ctypes.byref(self._func)
         n = max(len(self._params), len(self._results), 1)
         self._vals = (ffi.wasmtime_val_raw_t * n)()
         self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
-        self._trap_ref = ctypes.byref(self._trap)
-        self._call = ffi._wasmtime_func_call_unchecked
+        #: ``call(*args) -> int | None``: generated per signature (see ``_caller_factory``).
+        self.call = _caller_factory(self._params, self._results)(
+            ffi._wasmtime_func_call_unchecked, store._context(), ctypes.byref(self._func),
+            self._vals, n, self._trap, ctypes.byref(self._trap), self._take_trap)
 
     @property
     def params(self) -> str:
@@ -122,29 +121,45 @@ class RawFunc:
         return self._results
 
     def __call__(self, *args: int) -> int | None:
-        """Call with integer arguments; return the single result (unsigned for i32) or None."""
-        vals = self._vals
-        params = self._params
-        if len(args) != len(params):
-            raise TypeError(f"{self.name}: expected {len(params)} arguments, got {len(args)}")
-        for i, a in enumerate(args):
-            if params[i] == "i":
-                vals[i].i32 = a
-            else:
-                vals[i].i64 = a
-        error = self._call(self._ctx, self._func_ref, vals, len(vals), self._trap_ref)
-        if error:
-            raise _error_from_ptr(error)
-        if self._trap:
-            trap = self._trap
-            self._trap = ctypes.POINTER(ffi.wasm_trap_t)()
-            self._trap_ref = ctypes.byref(self._trap)
-            raise _trap_from_ptr(trap)
-        if not self._results:
-            return None
-        if self._results[0] == "i":
-            return vals[0].i32 & _U32
-        return vals[0].i64
+        return self.call(*args)  # type: ignore[no-any-return]
+
+    def _take_trap(self) -> WasmTrap:
+        """Turn the trap wasmtime left in our slot into an exception; reset the slot."""
+        trap = ctypes.cast(self._trap, ctypes.POINTER(ffi.wasm_trap_t))
+        ctypes.memset(ctypes.addressof(self._trap), 0, ctypes.sizeof(self._trap))
+        return _trap_from_ptr(trap)
+
+
+@functools.cache
+def _caller_factory(params: str, results: str) -> Any:
+    """Compile, once per signature, ``RawFunc.call``: arguments stored
+    straight into the reused ``wasmtime_val_raw_t`` array, one C call, one result read."""
+    names = [f"a{i}" for i in range(len(params))]
+    stores = "".join(
+        f"        vals[{i}].{'i32' if t == 'i' else 'i64'} = {names[i]}\n"
+        for i, t in enumerate(params)
+    )
+    if not results:
+        ret = "        return None\n"
+    elif results[0] == "i":
+        ret = f"        return vals[0].i32 & {_U32}\n"
+    else:
+        ret = "        return vals[0].i64\n"
+    src = (
+        "def factory(c_call, ctx, func_ref, vals, n, trap, trap_ref, take_trap):\n"
+        f"    def call({', '.join(names)}):\n"
+        f"{stores}"
+        "        error = c_call(ctx, func_ref, vals, n, trap_ref)\n"
+        "        if error:\n"
+        "            raise error_from_ptr(error)\n"
+        "        if trap:\n"
+        "            raise take_trap()\n"
+        f"{ret}"
+        "    return call\n"
+    )
+    namespace: dict[str, Any] = {"error_from_ptr": _error_from_ptr}
+    exec(src, namespace)  # noqa: S102 - generated from the signature string only
+    return namespace["factory"]
 
 
 @functools.cache
@@ -283,6 +298,11 @@ class GuestMemory:
     def write_u64(self, ptr: int, value: int) -> None:
         self._check(ptr, 8)
         ctypes.c_uint64.from_address(self.base + ptr).value = value & 0xFFFFFFFFFFFFFFFF
+
+
+#: ``(context, ticks)``: arm the store's epoch deadline; the raw C entry, because the
+#: wrapper chain around it costs more than the call on every callback.
+set_epoch_deadline = ffi._wasmtime_context_set_epoch_deadline
 
 
 def context_pointer_value(store: wasmtime.Store) -> int:

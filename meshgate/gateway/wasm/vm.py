@@ -5,6 +5,7 @@ from __future__ import annotations
 import wasmtime
 
 from ._rawcall import GuestMemory, GuestMemoryError, RawFunc, WasmTrap
+from ._rawcall import set_epoch_deadline as _set_deadline
 from .abi import ABI_MARKERS
 
 
@@ -30,7 +31,8 @@ class PluginVM:
         self.store.set_limits(memory_size=memory_limit)
         self.deadline_ticks = deadline_ticks
         self.depth = 0
-        self.store.set_epoch_deadline(deadline_ticks)
+        self._ctx = self.store._context()
+        _set_deadline(self._ctx, deadline_ticks)
         try:
             instance = linker.instantiate(self.store, module)
         except wasmtime.Trap as exc:
@@ -65,10 +67,10 @@ class PluginVM:
         if func is None:
             return None
         if self.depth == 0:
-            self.store.set_epoch_deadline(self.deadline_ticks)
+            _set_deadline(self._ctx, self.deadline_ticks)
         self.depth += 1
         try:
-            return func(*args)
+            return func.call(*args)
         except WasmTrap:
             self.broken = True
             raise
@@ -103,10 +105,10 @@ class PluginVM:
         if self._alloc is None:
             raise GuestMemoryError("plugin exports no malloc/proxy_on_memory_allocate")
         if self.depth == 0:
-            self.store.set_epoch_deadline(self.deadline_ticks)
+            _set_deadline(self._ctx, self.deadline_ticks)
         self.depth += 1
         try:
-            ptr = self._alloc(len(data)) or 0
+            ptr = self._alloc.call(len(data)) or 0
         finally:
             self.depth -= 1
         if ptr == 0:
