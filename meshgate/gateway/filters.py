@@ -11,6 +11,7 @@ into what the data path does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -38,12 +39,18 @@ class LocalReply:
     details: str = ""
 
 
+_WASM: Any = None
+
+
 def _wasm() -> Any:
     # Imported late: the host module pulls in wasmtime, which a sidecar without plugins
-    # (and the unit tests of routing) never needs.
-    from meshgate.gateway import wasm
+    # (and the unit tests of routing) never needs. Cached: this runs several times a request.
+    global _WASM
+    if _WASM is None:
+        from meshgate.gateway import wasm
 
-    return wasm
+        _WASM = wasm
+    return _WASM
 
 
 class PluginReplied(Exception):
@@ -93,7 +100,9 @@ class PluginChain:
     def start(
         cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int
     ) -> PluginChain:
-        return cls([p.new_stream(_stream_info(request, span)) for p in plugins], limit)
+        info = _stream_info(request, span)
+        # One per stream: the host may record per-stream facts on it.
+        return cls([p.new_stream(dataclasses.replace(info)) for p in plugins], limit)
 
     async def request_headers(
         self, method: str, path: str, headers: CIMultiDict[str], request: web.BaseRequest
