@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--delta", action="store_true")
     boot.set_defaults(func=_bootstrap)
 
+    sub.add_parser("sidecar", help="run meshgate's sidecar, configured over xDS "
+                                    "(see `meshgate sidecar --help`)")
+
     status = sub.add_parser("status", help="per-proxy xDS sync state, like istioctl "
                                            "proxy-status")
     status.add_argument("--server", default="http://127.0.0.1:18001")
@@ -113,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sidecar"]:
+        from meshgate.gateway.app import main as sidecar_main
+
+        return sidecar_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,12 +1,19 @@
-"""`meshgate up`: the whole local stack in the foreground, on loopback."""
+"""`meshgate up`: the whole local stack in the foreground, on loopback.
+
+Control server and demo upstream run in this process; OPA, Envoy and the sidecar are
+child processes, each logging to a file in one work directory that is printed at start.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
+import sys
 import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,43 +33,115 @@ class StackPorts:
     xds: int = 18000
     http: int = 18001
     demo_upstream: int = 18080
+    opa: int = 18181
     envoy_admin: int = 19901
+    sidecar_admin: int = 15000
+
+
+class ChildProcess:
+    """A child process whose output goes to a log file; stopped with SIGTERM."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = workdir / f"{name}.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL)
+
+    async def wait_http(self, url: str, timeout: float = 30.0) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            if self.process is not None and self.process.returncode is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
+                                   f"see {self.log_path}")
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(urllib.request.urlopen, url, None, 1)
+                return
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s; see {self.log_path}")
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), 15)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+def find_opa() -> str:
+    local = Path(".tools/opa")
+    if local.exists():
+        return str(local.resolve())
+    found = shutil.which("opa")
+    if found is None:
+        raise FileNotFoundError("no opa binary: run `make setup` (builds OPA into .tools/)")
+    return found
 
 
 async def run_stack(config: MeshConfig, config_path: Path | None, ports: StackPorts,
-                    *, delta: bool = False) -> None:
-    server = ControlServer(config, ServerAddress("127.0.0.1", ports.xds, ports.http), config_path)
-    await server.start()
-    upstream = web.AppRunner(echo_app("demo"), access_log=None)
-    await upstream.setup()
-    await web.TCPSite(upstream, "127.0.0.1", ports.demo_upstream).start()
+                    *, delta: bool = False, policies: Path = Path("policies")) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="meshgate-up-"))
+    server = ControlServer(config, ServerAddress("127.0.0.1", ports.xds, ports.http), config_path)
+    upstream = web.AppRunner(echo_app("demo"), access_log=None)
+    opa = ChildProcess("opa", [find_opa(), "run", "--server", "--log-level", "error",
+                               "--addr", f"127.0.0.1:{ports.opa}", str(policies)], workdir)
+    sidecar = ChildProcess("sidecar", [
+        sys.executable, "-m", "meshgate.cli", "sidecar", "--xds", f"127.0.0.1:{ports.xds}",
+        "--node-id", "sidecar-0", "--node-cluster", "meshgate-sidecar",
+        "--admin-port", str(ports.sidecar_admin)], workdir)
     envoy = EnvoyProcess(
         envoy_bootstrap(node_id="envoy-0", node_cluster="envoy", xds_host="127.0.0.1",
                         xds_port=ports.xds, admin_port=ports.envoy_admin, delta=delta),
         workdir,
     )
     try:
+        await opa.start()
+        await opa.wait_http(f"http://127.0.0.1:{ports.opa}/health")
+        await server.start()
+        await upstream.setup()
+        await web.TCPSite(upstream, "127.0.0.1", ports.demo_upstream).start()
         await envoy.start()
+        await sidecar.start()
         await envoy.wait_ready()
-        _print_endpoints(config, ports, envoy)
+        await sidecar.wait_http(f"http://127.0.0.1:{ports.sidecar_admin}/readyz")
+        _print_endpoints(config, ports, workdir)
         await _until_signal()
     finally:
-        print("\nstopping: envoy, demo upstream, control server")
+        print("\nstopping: sidecar, envoy, demo upstream, control server, opa", flush=True)
+        await sidecar.stop()
         await envoy.stop()
         await upstream.cleanup()
         await server.stop()
+        await opa.stop()
 
 
-def _print_endpoints(config: MeshConfig, ports: StackPorts, envoy: EnvoyProcess) -> None:
-    print("meshgate is up (Ctrl-C stops everything):")
-    print(f"  control server  xDS grpc://127.0.0.1:{ports.xds}  "
-          f"status http://127.0.0.1:{ports.http}/status")
+def _print_endpoints(config: MeshConfig, ports: StackPorts, workdir: Path) -> None:
+    sidecar_ports = {}
+    for selector in config.nodes:
+        if selector.node_cluster == "meshgate-sidecar":
+            sidecar_ports = dict(selector.ports)
+    print("meshgate is up (Ctrl-C stops everything); logs in", workdir)
+    print(f"  control server  xDS 127.0.0.1:{ports.xds}  "
+          f"status http://127.0.0.1:{ports.http}/status  (meshgate status)")
+    print(f"  OPA             http://127.0.0.1:{ports.opa}  (policies/)")
     print(f"  demo upstream   http://127.0.0.1:{ports.demo_upstream}")
-    print(f"  envoy admin     http://127.0.0.1:{ports.envoy_admin}  (log: {envoy.log_path})")
+    print(f"  envoy admin     http://127.0.0.1:{ports.envoy_admin}")
+    print(f"  sidecar admin   http://127.0.0.1:{ports.sidecar_admin}  "
+          "(/healthz /readyz /metrics /config_dump)")
     for listener in config.listeners:
-        print(f"  envoy listener  {listener.name}: http://{listener.address}:{listener.port}/")
-    print("  try: curl -s http://127.0.0.1:10000/api/hello ; meshgate status")
+        print(f"  listener {listener.name}: envoy http://{listener.address}:{listener.port}/"
+              f"  sidecar http://{listener.address}:"
+              f"{sidecar_ports.get(listener.name, listener.port)}/")
+    print("  try: curl -i -H 'x-api-key: demo-key' http://127.0.0.1:10000/api/hello")
+    print(flush=True)
 
 
 async def _until_signal() -> None:
