@@ -8,6 +8,7 @@ that become real keys and tokens at run time.
 Upstream names used in configurations, which every data plane's harness must provide:
   "opa"       a real OPA server loaded with policies/authz.rego and policies/data.json
   "opa-down"  a loopback port where nothing listens
+  "opa-slow"  an HTTP server that answers `{"result": true}` only after 2 seconds
   "jwks"      an HTTP server answering GET /.well-known/jwks.json with `Material.jwks()`
 The route upstream is an echo server answering JSON {"headers": {...}, "path": ...}
 with the request it received, which `Expect.upstream_headers` looks at.
@@ -78,8 +79,9 @@ _AUTH = {
 }
 
 
-def _auth_with_opa(path: str, cluster: str = "opa", failure_mode: str = "closed") -> dict[str, Any]:
-    return {**_AUTH, "opa": {"cluster": cluster, "path": path, "timeout_ms": 1000,
+def _auth_with_opa(path: str, cluster: str = "opa", failure_mode: str = "closed",
+                   timeout_ms: int = 1000) -> dict[str, Any]:
+    return {**_AUTH, "opa": {"cluster": cluster, "path": path, "timeout_ms": timeout_ms,
                              "failure_mode": failure_mode}}
 
 
@@ -103,6 +105,12 @@ SCENARIOS: dict[str, list[PluginUse]] = {
     "opa-down-closed": [PluginUse("auth", _auth_with_opa("meshgate/authz/allow", "opa-down"))],
     "opa-down-open": [
         PluginUse("auth", _auth_with_opa("meshgate/authz/allow", "opa-down", "open")),
+    ],
+    "opa-slow-closed": [
+        PluginUse("auth", _auth_with_opa("meshgate/authz/allow", "opa-slow", timeout_ms=300)),
+    ],
+    "opa-slow-open": [
+        PluginUse("auth", _auth_with_opa("meshgate/authz/allow", "opa-slow", "open", 300)),
     ],
     "auth-then-rate-limit": [
         PluginUse("auth", _AUTH),
@@ -257,6 +265,14 @@ CASES: list[Case] = [
          Expect(200, upstream_headers={"x-meshgate-sub": "alice"})),
     Case("opa-down/fail-open-still-authenticates", "opa-down-open",
          Request(path="/api/items", headers=_bearer(exp_in=-120)), Expect(401)),
+
+    # OPA slower than the configured timeout.
+    Case("opa-slow/fail-closed-503", "opa-slow-closed",
+         Request(path="/api/items", headers=_bearer(claims={"roles": ["admin"]})),
+         Expect(503, body_json={"error": "unavailable"})),
+    Case("opa-slow/fail-open-200", "opa-slow-open",
+         Request(path="/api/items", headers=_bearer()),
+         Expect(200, upstream_headers={"x-meshgate-sub": "alice"})),
 
     # Auth forwards the verified subject; rate limit keys its buckets on it.
     Case("chain/subject-bucket-spent", "auth-then-rate-limit",

@@ -97,6 +97,35 @@ def jwks_server(document: dict[str, Any]) -> Iterator[int]:
         server.server_close()
 
 
+@contextmanager
+def slow_server(delay_s: float) -> Iterator[int]:
+    """An OPA stand-in that answers allow, but only after `delay_s` seconds."""
+    body = b'{"result": true}'
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def mesh_config(material: Material, upstream: dict[str, int]) -> dict[str, Any]:
     """One listener per scenario, running that scenario's plugins in order."""
     listeners, plugins = [], []
@@ -132,8 +161,9 @@ def plugin_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginSta
     tmp = tmp_path_factory.mktemp("plugins-envoy")
     material = Material()
     with echo_upstreams("echo") as echo, opa_server(tmp) as opa, \
-            jwks_server(material.jwks()) as jwks:
-        upstream = {"echo": echo["echo"], "opa": opa, "opa-down": free_port(), "jwks": jwks}
+            jwks_server(material.jwks()) as jwks, slow_server(2.0) as slow:
+        upstream = {"echo": echo["echo"], "opa": opa, "opa-down": free_port(), "jwks": jwks,
+                    "opa-slow": slow}
         with Stack(tmp, mesh_config(material, upstream)) as stack:
             envoy = stack.start_envoy("envoy-plugins")
             yield PluginStack(stack, material, envoy)
