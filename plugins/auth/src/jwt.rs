@@ -68,8 +68,8 @@ pub fn verify(token: &str, keys: &[Jwk], policy: &Policy, now: u64) -> Result<Ma
         return fail(format!("token larger than {} bytes", policy.max_token_bytes));
     }
     let parts: Vec<&str> = token.split('.').collect();
-    if parts.len() != 3 || parts.iter().any(|p| p.is_empty()) {
-        return fail("malformed token: expected three non-empty dot-separated parts");
+    if parts.len() != 3 || parts[0].is_empty() || parts[1].is_empty() {
+        return fail("malformed token: expected three dot-separated parts");
     }
     let header = json_object(parts[0], "header")?;
     let alg_name = header.get("alg").and_then(|a| a.as_str()).map_or_else(|| fail("malformed token: no alg"), Ok)?;
@@ -100,6 +100,9 @@ pub fn verify(token: &str, keys: &[Jwk], policy: &Policy, now: u64) -> Result<Ma
     };
     if candidates.is_empty() {
         return fail(format!("no key can verify {alg_name}"));
+    }
+    if parts[2].is_empty() {
+        return fail("malformed token: empty signature");
     }
     let sig = b64url("signature", parts[2]).or_else(|_| fail("malformed token: signature is not base64url"))?;
     let signing_input = &token.as_bytes()[..parts[0].len() + 1 + parts[1].len()];

@@ -143,9 +143,8 @@ fn issuer_and_audience() {
 fn alg_none_is_refused_in_any_spelling() {
     for alg in ["none", "None", "NONE"] {
         let t = format!("{}.{}.", b64(json!({"alg": alg}).to_string().as_bytes()), b64(claims().to_string().as_bytes()));
-        assert!(reason(&t).starts_with("malformed token"), "empty signature part");
-        let t2 = format!("{t}AAAA");
-        assert_eq!(reason(&t2), "alg none is not accepted");
+        assert_eq!(reason(&t), "alg none is not accepted");
+        assert_eq!(reason(&format!("{t}AAAA")), "alg none is not accepted");
     }
 }
 
@@ -188,6 +187,8 @@ fn unknown_kid_bad_signature_and_disallowed_alg() {
 fn malformed_and_oversize_tokens() {
     assert!(reason("abc").starts_with("malformed token"));
     assert!(reason("a.b.c.d").starts_with("malformed token"));
+    let t = token("RS256", "rsa-1", &claims());
+    assert_eq!(reason(&t[..t.rfind('.').unwrap() + 1]), "malformed token: empty signature");
     assert_eq!(reason("!!!.e30.AAAA"), "malformed token: header is not base64url");
     let t = token("RS256", "rsa-1", &claims());
     // Padding is not base64url-without-padding.
