@@ -34,7 +34,8 @@ def upstream_app(name: str) -> web.Application:
         if "big" in request.query:
             response = web.StreamResponse()
             await response.prepare(request)
-            chunk = b"x" * 65536
+            # `fill` lets a test stream a body with a word a plugin looks for.
+            chunk = (request.query.get("fill", "x").encode() * 65536)[:65536]
             for _ in range(int(request.query["big"]) // 65536):
                 await response.write(chunk)
             await response.write_eof()

@@ -72,3 +72,82 @@ async def test_plugin_that_fails_to_load_is_nacked_and_old_plugin_keeps_serving(
                 assert codes == [200, 429]  # the old plugin still limits
         finally:
             stack.__exit__(None, None, None)
+
+
+HTTP_BODY = plugin_path("examples/http_body.wasm")
+
+
+@pytest.mark.skipif(HTTP_BODY is None, reason="proxy-wasm examples not built (make setup)")
+async def test_plugin_that_rewrites_the_response_body_is_what_the_client_reads(
+    tmp_path: Path,
+) -> None:
+    # proxy-wasm 0.2.0's http_body example replaces any response body that mentions
+    # "secret" with a fixed redaction notice; the echo upstream repeats the path.
+    async with upstreams("a") as ports:
+        port = free_port()
+        config = mesh_config(
+            port,
+            [ports["a"]],
+            plugins=[{"name": "http-body", "wasm": str(HTTP_BODY)}],
+            listener_plugins=["http-body"],
+        )
+        stack = await start_stack(tmp_path, config)
+        try:
+            async with running_sidecar(stack), aiohttp.ClientSession() as client:
+                async with client.get(f"http://127.0.0.1:{port}/secret") as resp:
+                    redacted = await resp.read()
+                    redacted_status = resp.status
+                    original_length = resp.headers.get("content-length")
+                async with client.get(f"http://127.0.0.1:{port}/public") as resp:
+                    untouched = await resp.read()
+                # Over 64 KiB without a length: the body streams chunk by chunk and the
+                # plugin buffers it (Pause until end of stream) before rewriting it.
+                url = f"http://127.0.0.1:{port}/x?big=196608&fill=secret"
+                async with client.get(url) as resp:
+                    streamed = await resp.read()
+        finally:
+            stack.__exit__(None, None, None)
+    assert redacted_status == 200
+    assert redacted.startswith(b"Original message body (") and redacted.endswith(b"redacted.")
+    assert b"secret" not in redacted
+    assert original_length in (None, str(len(redacted)))
+    assert b'"path": "/public"' in untouched
+    assert streamed == b"Original message body (196608 bytes) redacted."
+
+
+async def test_plugin_that_rewrites_the_request_body_is_what_the_upstream_gets(
+    tmp_path: Path,
+) -> None:
+    # A WAT plugin: buffer the request body (Pause until end of stream), then replace it.
+    import wasmtime
+
+    from tests.unit.wasm.wat import plugin
+
+    source = plugin(
+        strings={"new": b"rewritten by the plugin"},
+        on_request_body="""
+          (if (result i32) (local.get $eos)
+            (then (drop (call $proxy_set_buffer_bytes (i32.const 0) (i32.const 0)
+                          (local.get $n) @new #new))
+                  (i32.const 0))
+            (else (i32.const 1)))""",
+    )
+    wasm = tmp_path / "rewrite_request_body.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(source))
+    async with upstreams("a") as ports:
+        port = free_port()
+        config = mesh_config(
+            port,
+            [ports["a"]],
+            plugins=[{"name": "rewrite", "wasm": str(wasm)}],
+            listener_plugins=["rewrite"],
+        )
+        stack = await start_stack(tmp_path, config)
+        try:
+            async with running_sidecar(stack), aiohttp.ClientSession() as client:
+                url = f"http://127.0.0.1:{port}/echo"
+                async with client.post(url, data=b"original body " * 1000) as resp:
+                    seen = await resp.json()
+        finally:
+            stack.__exit__(None, None, None)
+    assert seen["body_length"] == len(b"rewritten by the plugin")
