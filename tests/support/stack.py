@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,32 @@ class EnvoyHandle:
                 self.process.wait()
 
 
+class SidecarHandle:
+    def __init__(self, node_id: str, process: subprocess.Popen[bytes], admin_port: int,
+                 log_path: Path) -> None:
+        self.node_id = node_id
+        self.process = process
+        self.admin_port = admin_port
+        self.log_path = log_path
+
+    def admin(self, path: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.admin_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        EnvoyHandle.stop(self)  # type: ignore[arg-type]
+
+
+SIDECAR_CLUSTER = "meshgate-sidecar"
+
+
 class Stack:
     def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
         self.dir = tmp_path
@@ -92,6 +119,7 @@ class Stack:
         self.http_port = free_port()
         self.server: subprocess.Popen[bytes] | None = None
         self.envoys: dict[str, EnvoyHandle] = {}
+        self.sidecars: dict[str, SidecarHandle] = {}
         self._write(config)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -101,6 +129,8 @@ class Stack:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for sidecar in self.sidecars.values():
+            sidecar.stop()
         for envoy in self.envoys.values():
             envoy.stop()
         self.stop_server()
@@ -156,6 +186,23 @@ class Stack:
             self.wait_converged()
         return envoy
 
+    def start_sidecar(self, node_id: str = "sidecar-0", *, delta: bool = True,
+                      wait: bool = True) -> SidecarHandle:
+        """meshgate's sidecar as a user starts it, in node cluster `meshgate-sidecar`."""
+        admin_port = free_port()
+        log_path = self.dir / f"sidecar-{node_id}.log"
+        argv = [sys.executable, "-m", "meshgate.cli", "sidecar", "--xds",
+                f"127.0.0.1:{self.xds_port}", "--node-id", node_id, "--node-cluster",
+                SIDECAR_CLUSTER, "--admin-port", str(admin_port)]
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(argv + ([] if delta else ["--sotw"]), cwd=REPO,
+                                       stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        sidecar = self.sidecars[node_id] = SidecarHandle(node_id, process, admin_port, log_path)
+        if wait:
+            wait_for(lambda: sidecar.admin("/readyz")[0] == 200, 60, f"{node_id} ready")
+            self.wait_converged()
+        return sidecar
+
     # -- config ---------------------------------------------------------------------------
 
     def _write(self, config: dict[str, Any]) -> None:
@@ -194,7 +241,7 @@ class Stack:
     def wait_converged(self, timeout: float = 30.0, allow_nack: bool = False) -> None:
         def converged() -> bool:
             proxies = {p["node_id"]: p for p in self.status()["proxies"]}
-            if any(node_id not in proxies for node_id in self.envoys):
+            if any(node_id not in proxies for node_id in [*self.envoys, *self.sidecars]):
                 return False
             ok = {"ACKED", "NACKED"} if allow_nack else {"ACKED"}
             synced = all(t["state"] in ok for p in proxies.values() for t in p["types"].values())
@@ -202,6 +249,13 @@ class Stack:
 
         wait_for(converged, timeout, "every proxy to ACK the config and finish warming")
 
-    def url(self, listener: str) -> str:
+    def url(self, listener: str, plane: str = "envoy") -> str:
+        """Where `listener` answers on Envoy, or on the sidecar (its `nodes:` port)."""
         item = next(x for x in self.config["listeners"] if x["name"] == listener)
-        return f"http://127.0.0.1:{item['port']}"
+        port = item["port"]
+        if plane == "sidecar":
+            for node in self.config.get("nodes", []):
+                if node.get("cluster") == SIDECAR_CLUSTER and listener in node["listeners"]:
+                    port = node.get("ports", {}).get(listener, port)
+                    break
+        return f"http://127.0.0.1:{port}"

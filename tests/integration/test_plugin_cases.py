@@ -1,9 +1,11 @@
-"""meshgate's rate-limit and auth plugins in a real Envoy 1.40, configured by meshgate's
-control server (ECDS), with a real OPA running policies/authz.rego.
+"""meshgate's rate-limit and auth plugins in both data planes at once: a real Envoy 1.40
+and meshgate's sidecar, both configured by one control server (ECDS), with a real OPA
+running policies/authz.rego.
 
-Every case of the shared table `tests/cases/plugin_cases.py` runs here; the sidecar runs
-the same table. The rate limit is also driven by concurrent clients through an Envoy with
-two worker threads, whose VMs share the buckets through shared data.
+Every case of the shared table `tests/cases/plugin_cases.py` runs through each plane in
+the same run, against the same expectations. The rate limit is also driven by
+concurrent clients through an Envoy with two worker threads, whose VMs share the buckets
+through shared data.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests.cases.material import Material
 from tests.cases.plugin_cases import CASES, PRESENT, SCENARIOS, Case, Expect
 from tests.support import http
 from tests.support.ports import free_port
-from tests.support.stack import REPO, EnvoyHandle, Stack, wait_for
+from tests.support.stack import REPO, SIDECAR_CLUSTER, EnvoyHandle, Stack, wait_for
 from tests.support.upstream import echo_upstreams
 
 PLUGINS = REPO / "build" / "plugins"
@@ -140,7 +142,10 @@ def mesh_config(material: Material, upstream: dict[str, int]) -> dict[str, Any]:
                           "routes": [{"prefix": "/", "cluster": "echo", "timeout": "5s"}]})
     clusters = [{"name": name, "endpoints": [f"127.0.0.1:{port}"], "connect_timeout": "0.25s"}
                 for name, port in upstream.items()]
-    return {"listeners": listeners, "clusters": clusters, "plugins": plugins}
+    sidecar_ports = {item["name"]: free_port() for item in listeners}
+    nodes = [{"cluster": SIDECAR_CLUSTER, "listeners": list(sidecar_ports),
+              "ports": sidecar_ports}]
+    return {"listeners": listeners, "clusters": clusters, "plugins": plugins, "nodes": nodes}
 
 
 @dataclass
@@ -149,10 +154,10 @@ class PluginStack:
     material: Material
     envoy: EnvoyHandle
 
-    def send(self, scenario: str, case: Case) -> http.Reply:
+    def send(self, scenario: str, case: Case, plane: str = "envoy") -> http.Reply:
         req = case.request
         headers = {k: str(v) for k, v in self.material.resolve(req.headers).items()}
-        return http.request(self.stack.url(scenario) + req.path, method=req.method,
+        return http.request(self.stack.url(scenario, plane) + req.path, method=req.method,
                             headers=headers, body=req.body or None)
 
 
@@ -166,6 +171,7 @@ def plugin_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginSta
                     "opa-slow": slow}
         with Stack(tmp, mesh_config(material, upstream)) as stack:
             envoy = stack.start_envoy("envoy-plugins")
+            stack.start_sidecar("sidecar-plugins")
             yield PluginStack(stack, material, envoy)
 
 
@@ -196,11 +202,12 @@ def check(reply: http.Reply, expect: Expect) -> None:
                 assert upstream_saw.get(name) == want, seen
 
 
+@pytest.mark.parametrize("plane", ["envoy", "sidecar"])
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_plugin_case_through_envoy(plugin_stack: PluginStack, case: Case) -> None:
+def test_plugin_case(plugin_stack: PluginStack, case: Case, plane: str) -> None:
     reply = None
     for _ in range(case.repeat):
-        reply = plugin_stack.send(case.scenario, case)
+        reply = plugin_stack.send(case.scenario, case, plane)
     assert reply is not None
     check(reply, case.expect)
 
