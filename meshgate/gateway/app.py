@@ -20,7 +20,7 @@ from opentelemetry import trace
 from meshgate.gateway import resources as res
 from meshgate.gateway.admin import admin_app
 from meshgate.gateway.config import ConfigHolder, Incomplete, SidecarConfig, assemble
-from meshgate.gateway.filters import PluginLoader
+from meshgate.gateway.filters import PluginLoader, close_hosts
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.proxy import DataPath, DataPathSettings
 from meshgate.gateway.resources import UnsupportedConfig
@@ -62,6 +62,7 @@ class Sidecar:
             self.holder, self.metrics, options.data_path, provider.get_tracer("meshgate.sidecar")
         )
         self.plugins = PluginLoader(self.holder, self.metrics.registry, options)
+        self.holder.on_drained = self._close_unused_plugins
         self.xds = XdsClient(
             options.xds_target,
             options.node_id,
@@ -106,7 +107,7 @@ class Sidecar:
         self._listeners.clear()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close()
-        self.plugins.close()
+        await self.plugins.close()
         if self._admin is not None:
             await self._admin.cleanup()
 
@@ -145,6 +146,13 @@ class Sidecar:
             log.info("applied config %d: listeners %s", config.version, sorted(config.listeners))
             self._spawn(close_later(self.pool, self.holder.sessions_in_use(), 0))
             self._spawn(self._retire_later())
+            self._close_unused_plugins()
+
+    def _close_unused_plugins(self) -> None:
+        """Close replaced plugin hosts once no request in flight runs through them."""
+        unused = self.plugins.take_unused(self.holder.plugins_in_use())
+        if unused:
+            self._spawn(close_hosts(unused))
 
     async def _retire_later(self) -> None:
         """Close sessions and plugin VMs nobody uses once older snapshots drained."""

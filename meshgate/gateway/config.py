@@ -8,6 +8,7 @@ used (upstream sessions) may be closed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,16 +95,34 @@ def _dump(view: ResourceView) -> dict[str, Any]:
 
 
 class ConfigHolder:
-    """The current snapshot plus the older ones still serving requests."""
+    """The current snapshot plus the older ones still serving requests.
+
+    `on_drained` is called when the last request of a replaced snapshot ends, so what
+    only that snapshot used (plugin VMs with tick tasks) can be closed without waiting
+    for a poll.
+    """
 
     def __init__(self) -> None:
         self.current: SidecarConfig | None = None
         self._older: list[SidecarConfig] = []
+        self.on_drained: Callable[[], None] | None = None
 
     def swap(self, config: SidecarConfig) -> None:
         if self.current is not None:
             self._older.append(self.current)
         self.current = config
+
+    def release(self, config: SidecarConfig) -> None:
+        """One request on `config` ended."""
+        config.inflight -= 1
+        if config.inflight == 0 and config is not self.current and self.on_drained:
+            self.on_drained()
+
+    def plugins_in_use(self) -> set[int]:
+        """ids of the plugin hosts the current snapshot or a request in flight uses."""
+        self._older = [c for c in self._older if c.inflight > 0]
+        live = ([self.current] if self.current else []) + self._older
+        return {id(p) for c in live for lc in c.listeners.values() for p in lc.plugins}
 
     def sessions_in_use(self) -> set[int]:
         self._older = [c for c in self._older if c.inflight > 0]

@@ -274,6 +274,9 @@ class PluginLoader:
         self._options = options
         self._services: Any = None
         self._hosts: dict[PluginResource, Any] = {}
+        # Replaced or removed hosts, closed once no snapshot in use references them
+        # (their tick and http_call tasks would otherwise run forever).
+        self._retired: list[Any] = []
 
     def services(self) -> Any:
         if self._services is None:
@@ -293,9 +296,14 @@ class PluginLoader:
                 self._hosts[plugin] = await self._load(plugin)
         live = set(resources.values())
         for plugin in set(self._hosts) - live:
-            # The host's VMs are dropped when no snapshot references them any more.
-            del self._hosts[plugin]
+            self._retired.append(self._hosts.pop(plugin))
         self.binaries.retain({p.sha256 for p in live})
+
+    def take_unused(self, in_use: set[int]) -> list[Any]:
+        """Retired hosts that no snapshot in `in_use` (ids) references: the caller closes them."""
+        unused = [h for h in self._retired if id(h) not in in_use]
+        self._retired = [h for h in self._retired if id(h) in in_use]
+        return unused
 
     async def _load(self, plugin: PluginResource) -> Any:
         data = await self.binaries.fetch(plugin)
@@ -325,6 +333,24 @@ class PluginLoader:
             if plugin in self._hosts
         }
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        """Close every plugin host (ticks, pending calls, the root's on_done), then the
+        shared services (the epoch clock)."""
+        hosts, self._retired = [*self._hosts.values(), *self._retired], []
+        self._hosts.clear()
+        for host in hosts:
+            await _close_host(host)
         if self._services is not None:
             self._services.close()
+
+
+async def _close_host(host: Any) -> None:
+    try:
+        await host.close()
+    except Exception:  # a plugin failing in on_done must not stop the others closing
+        log.exception("closing plugin '%s' failed", host.spec.name)
+
+
+async def close_hosts(hosts: list[Any]) -> None:
+    for host in hosts:
+        await _close_host(host)

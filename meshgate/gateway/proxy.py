@@ -111,7 +111,7 @@ class DataPath:
             return response
         finally:
             otel_context.detach(token)
-            config.inflight -= 1
+            self.holder.release(config)
             status = response.status if response is not None else 499
             span.set_attribute("http.response.status_code", status)
             if status >= 500:

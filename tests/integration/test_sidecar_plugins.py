@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -151,3 +152,84 @@ async def test_plugin_that_rewrites_the_request_body_is_what_the_upstream_gets(
         finally:
             stack.__exit__(None, None, None)
     assert seen["body_length"] == len(b"rewritten by the plugin")
+
+
+def _ticker(tmp_path: Path, label: str) -> Path:
+    """A plugin that logs `tick <label>` every 20 ms and `closed <label>` when its root
+    context is done (what a plugin sees when the proxy drops it)."""
+    import wasmtime
+
+    from tests.unit.wasm.wat import log_info, plugin
+
+    source = plugin(
+        strings={"tick": f"tick {label}".encode(), "closed": f"closed {label}".encode()},
+        on_vm_start="(drop (call $proxy_set_tick_period_milliseconds (i32.const 20))) "
+        "(i32.const 1)",
+        on_tick=log_info("tick"),
+        on_done=f"(if (i32.eq (local.get $ctx) (i32.const 1)) (then {log_info('closed')})) "
+        "(i32.const 1)",
+    )
+    path = tmp_path / f"ticker_{label}.wasm"
+    path.write_bytes(wasmtime.wat2wasm(source))
+    return path
+
+
+async def test_replaced_and_removed_plugins_stop_once_their_requests_finish(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshgate.plugin")
+
+    def said(text: str) -> int:
+        return sum(1 for r in caplog.records if r.getMessage() == text)
+
+    async with upstreams("a") as ports:
+        port = free_port()
+
+        def config(label: str | None) -> dict:  # type: ignore[type-arg]
+            if label is None:
+                return mesh_config(port, [ports["a"]])
+            return mesh_config(
+                port,
+                [ports["a"]],
+                plugins=[{"name": "ticker", "wasm": str(_ticker(tmp_path, label))}],
+                listener_plugins=["ticker"],
+            )
+
+        stack = await start_stack(tmp_path, config("old"))
+        try:
+            async with running_sidecar(stack) as sidecar, aiohttp.ClientSession() as client:
+                await wait_until(lambda: said("tick old") >= 2, 10, "the old plugin's ticks")
+                # A slow request keeps the old snapshot (and its plugin) in use.
+                slow = asyncio.ensure_future(
+                    client.get(f"http://127.0.0.1:{port}/slow?delay=1.5")
+                )
+                await asyncio.sleep(0.3)
+                version = sidecar.holder.current.version  # type: ignore[union-attr]
+                await asyncio.to_thread(stack.update, config("new"), wait=False)
+                await wait_until(
+                    lambda: sidecar.holder.current.version > version,  # type: ignore[union-attr]
+                    20,
+                    "the new plugin's config",
+                )
+                assert not slow.done()
+                ticks = said("tick old")
+                await asyncio.sleep(0.2)
+                assert said("tick old") > ticks  # still alive under the request in flight
+                assert said("closed old") == 0
+                async with await slow as resp:
+                    assert resp.status == 200
+                await wait_until(lambda: said("closed old") == 1, 5, "the old plugin closed")
+                ticks = said("tick old")
+                await asyncio.sleep(0.2)
+                assert said("tick old") == ticks  # its ticks stopped
+                assert said("tick new") > 0 and said("closed new") == 0
+
+                await asyncio.to_thread(stack.update, config(None), wait=False)
+                await wait_until(lambda: said("closed new") == 1, 20, "the removed plugin closed")
+                ticks = said("tick new")
+                await asyncio.sleep(0.2)
+                assert said("tick new") == ticks
+                async with client.get(f"http://127.0.0.1:{port}/x") as resp:
+                    assert resp.status == 200
+        finally:
+            stack.__exit__(None, None, None)
