@@ -24,8 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
     from meshgate.xds.server import ControlServer, ServerAddress
 
     async def main() -> None:
-        server = ControlServer(_load(args.config), ServerAddress(args.host, args.xds_port,
-                                                                 args.http_port),
+        address = ServerAddress(args.host, args.xds_port, args.http_port, args.advertise_host)
+        server = ControlServer(_load(args.config), address,
                                Path(args.config) if args.config else None)
         await server.start()
         print(f"meshgate control server: xds {args.host}:{args.xds_port}, "
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--xds-port", type=int, default=18000)
     serve.add_argument("--http-port", type=int, default=18001)
+    serve.add_argument("--advertise-host", default="",
+                       help="IP address proxies use to fetch plugin binaries "
+                            "(default: --host; set it when binding 0.0.0.0)")
     serve.set_defaults(func=_serve)
 
     validate = sub.add_parser("validate", help="check a config file and exit")

@@ -36,6 +36,8 @@ class ServerAddress:
     host: str = "127.0.0.1"
     xds_port: int = 18000
     http_port: int = 18001
+    advertise_host: str = ""
+    """The IP proxies use to fetch plugin binaries; the bind host when empty."""
 
 
 class ControlServer:
@@ -45,7 +47,9 @@ class ControlServer:
         self.config_path = config_path
         self.plugins = PluginStore()
         self._store_plugins(config)
-        self.cache = SnapshotCache(config, PluginServer(address.host, address.http_port))
+        self.cache = SnapshotCache(
+            config, PluginServer(address.advertise_host or address.host, address.http_port)
+        )
         self.ads = AdsServer(self.cache)
         self.last_rejected: dict[str, Any] | None = None
         self.applied_at = time.time()
