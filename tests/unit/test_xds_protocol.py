@@ -188,3 +188,22 @@ def test_delta_stale_nonce_still_applies_subscriptions_and_nack_is_recorded() ->
     # Re-subscribing to a known resource asks for it again (warming clusters do this).
     [again] = delta(stream, r.ENDPOINT, ["a"], nonce=more.nonce)
     assert [x.name for x in again.resources] == ["a"]
+
+
+def test_large_updates_are_split_below_the_message_limit() -> None:
+    snapshot = snap([f"c{i}" for i in range(40)])
+    limit = 600
+    stream = ProxyStream(snapshot, delta=True, bodies=SotwBodyCache(), max_bytes=limit)
+    responses = stream.on_request(d.DeltaDiscoveryRequest(type_url=r.ENDPOINT,
+                                                          resource_names_subscribe=["*"]))
+    assert len(responses) > 1 and all(len(b) <= limit + 200 for b in responses)
+    names_sent = [x.name for b in responses
+                  for x in d.DeltaDiscoveryResponse.FromString(b).resources]
+    assert sorted(names_sent) == sorted(f"c{i}" for i in range(40))
+    sotw_stream = ProxyStream(snapshot, delta=False, bodies=SotwBodyCache(), max_bytes=limit)
+    parts = sotw_stream.on_request(d.DiscoveryRequest(
+        type_url=r.ENDPOINT, resource_names=[f"c{i}" for i in range(40)]))
+    assert len(parts) > 1
+    # CDS is full-state in SotW: never split, or the proxy would delete clusters.
+    [whole] = sotw_stream.on_request(d.DiscoveryRequest(type_url=r.CLUSTER))
+    assert len(d.DiscoveryResponse.FromString(whole).resources) == 40
