@@ -40,7 +40,9 @@ class SidecarOptions:
     admin_host: str = "127.0.0.1"
     admin_port: int = 15000  # 0: any free port (see Sidecar.admin_port)
     drain_timeout_s: float = 10.0
-    max_request_header_bytes: int = 8190
+    # Envoy's default max_request_headers_kb is 60: the same limit lets plugins see (and
+    # answer) the same large headers, e.g. the auth plugin's 401 for an oversize token.
+    max_request_header_bytes: int = 60 * 1024
     data_path: DataPathSettings = field(default_factory=DataPathSettings)
     tracer_provider: trace.TracerProvider | None = None  # None: see sidecar_tracer_provider
 

@@ -41,7 +41,7 @@ async def test_hostile_requests_get_clear_answers_and_the_sidecar_survives(
         stack = await start_stack(tmp_path, mesh_config(port, [ports["a"]]))
         try:
             async with running_sidecar(stack, body_idle_timeout_s=0.5) as sidecar:
-                huge_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"
+                huge_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n"
                 assert status_of(await raw_exchange(port, huge_header)) in (400, 431)
 
                 bad_chunked = (
