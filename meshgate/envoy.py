@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
+
+from meshgate.processes import ChildProcess
 
 
 def find_envoy() -> str:
@@ -21,56 +21,25 @@ def find_envoy() -> str:
     return found
 
 
-class EnvoyProcess:
+class EnvoyProcess(ChildProcess):
     def __init__(self, bootstrap: dict[str, Any], workdir: Path, *, concurrency: int = 1,
-                 log_level: str = "warning", extra_args: tuple[str, ...] = ()) -> None:
+                 log_level: str = "warning") -> None:
+        name = f"envoy-{bootstrap['node']['id']}"
+        config = workdir / f"{name}.json"
+        super().__init__(name, [
+            find_envoy(), "-c", str(config), "--concurrency", str(concurrency),
+            "-l", log_level, "--use-dynamic-base-id",
+            "--base-id-path", str(workdir / f"{name}.base-id"),
+        ], workdir)
         self.bootstrap = bootstrap
-        self.workdir = workdir
-        self.concurrency = concurrency
-        self.log_level = log_level
-        self.extra_args = extra_args
+        self.config_path = config
         self.admin_port = bootstrap["admin"]["address"]["socket_address"]["port_value"]
-        self.log_path = workdir / f"envoy-{bootstrap['node']['id']}.log"
-        self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / f"envoy-{self.bootstrap['node']['id']}.json"
-        config.write_text(json.dumps(self.bootstrap, indent=2))
-        log = self.log_path.open("ab")
-        self.process = await asyncio.create_subprocess_exec(
-            find_envoy(), "-c", str(config), "--concurrency", str(self.concurrency),
-            "-l", self.log_level, "--base-id-path", str(self.workdir / "base-id"),
-            "--use-dynamic-base-id", *self.extra_args,
-            stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-        )
-        log.close()
-
-    def admin(self, path: str) -> str:
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.read().decode()
+        self.config_path.write_text(json.dumps(self.bootstrap, indent=2))
+        await super().start()
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            if self.process is not None and self.process.returncode is not None:
-                raise RuntimeError(f"envoy exited with {self.process.returncode}; "
-                                   f"see {self.log_path}")
-            try:
-                if (await asyncio.to_thread(self.admin, "/ready")).strip() == "LIVE":
-                    return
-            except OSError:
-                pass
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"envoy not ready after {timeout}s; see {self.log_path}")
-
-    async def stop(self) -> None:
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), 10)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
+        await self.wait_http(f"http://127.0.0.1:{self.admin_port}/ready", timeout,
+                             accept=lambda body: body.strip() == b"LIVE")

@@ -13,7 +13,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from aiohttp import web
 
 from meshgate.demo import echo_app
 from meshgate.envoy import EnvoyProcess
+from meshgate.processes import ChildProcess
 from meshgate.xds.bootstrap import envoy_bootstrap
 from meshgate.xds.config import MeshConfig
 from meshgate.xds.server import ControlServer, ServerAddress
@@ -36,44 +36,6 @@ class StackPorts:
     opa: int = 18181
     envoy_admin: int = 19901
     sidecar_admin: int = 15000
-
-
-class ChildProcess:
-    """A child process whose output goes to a log file; stopped with SIGTERM."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.log_path = workdir / f"{name}.log"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log_path.open("ab") as out:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.argv, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL)
-
-    async def wait_http(self, url: str, timeout: float = 30.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline:
-            if self.process is not None and self.process.returncode is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; "
-                                   f"see {self.log_path}")
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(urllib.request.urlopen, url, None, 1)
-                return
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"{self.name} not ready after {timeout}s; see {self.log_path}")
-
-    async def stop(self) -> None:
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), 15)
-        except TimeoutError:
-            self.process.kill()
-            await self.process.wait()
 
 
 def find_opa() -> str:
