@@ -76,8 +76,14 @@ _CRASH_ON_PATH = r"""
 """
 
 
-def crash_on_path_wasm(directory: Path) -> Path:
-    """Assemble the crash-on-`/crash` plugin into `directory`; returns the .wasm path."""
-    path = directory / "crash_on_path.wasm"
-    path.write_bytes(wasmtime.wat2wasm(_CRASH_ON_PATH))
+def crash_on_path_wasm(directory: Path, tag: str = "") -> Path:
+    """Assemble the crash-on-`/crash` plugin into `directory`; returns the .wasm path.
+
+    `tag` becomes the module's name, so plugins built with different tags have different
+    sha256s (Envoy fetches and caches remote code by sha256; distinct binaries keep one
+    listener's plugin from sharing another's fetch).
+    """
+    path = directory / f"crash_on_path{'-' + tag if tag else ''}.wasm"
+    source = _CRASH_ON_PATH.replace("(module", f"(module ${tag}" if tag else "(module", 1)
+    path.write_bytes(wasmtime.wat2wasm(source))
     return path

@@ -138,13 +138,16 @@ class HttpStream:
             return self._failure()
         host, ctx = self.host, self.ctx
         args = (ctx.id, size) if end_of_stream is None else (ctx.id, size, int(end_of_stream))
+        running = export
         try:
             if not self._created:
                 self._created = True
-                host._invoke(ctx, "proxy_on_context_create", ctx.id, ROOT_CONTEXT_ID)
+                running = "proxy_on_context_create"  # the log names the callback that trapped
+                host._invoke(ctx, running, ctx.id, ROOT_CONTEXT_ID)
+                running = export
             action = host._invoke(ctx, export, *args)
         except WasmTrap as exc:
-            host.trapped(export, exc)
+            host.trapped(running, exc)
             return self._failure()
         settled = self._settled()
         if settled is not None:
