@@ -110,7 +110,8 @@ class PluginHost:
         self._effective = self.root
         try:
             self.vm = PluginVM(self.services.engine, self.module, self._linker,
-                               self.services.memory_limit_bytes, self.services.deadline_ticks)
+                               self.services.memory_limit_bytes, self.services.deadline_ticks,
+                               self.services.epoch_clock)
             self.vm.start()
             self._invoke(self.root, "proxy_on_context_create", ROOT_CONTEXT_ID, 0)
             if self._invoke(self.root, "proxy_on_vm_start", ROOT_CONTEXT_ID,

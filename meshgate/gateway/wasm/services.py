@@ -97,12 +97,16 @@ class EpochTicker:
     """A daemon thread that bumps the engine's epoch every ``interval_s``.
 
     The per-callback CPU deadline is a number of these ticks; wasm running past it traps
-    with an "interrupt". The thread only touches the engine's atomic epoch counter.
+    with an "interrupt". The thread only touches the engine's atomic epoch counter and
+    ``ticks``, a plain count of its bumps: a VM that armed its deadline at the same
+    ``ticks`` would arm the same deadline again, so it skips the C call (see
+    ``PluginVM.call``).
     """
 
     def __init__(self, engine: wasmtime.Engine, interval_s: float) -> None:
         self.engine = engine
         self.interval_s = interval_s
+        self.ticks = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -114,6 +118,7 @@ class EpochTicker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.engine.increment_epoch()
+            self.ticks += 1
 
     def stop(self) -> None:
         self._stop.set()
@@ -206,6 +211,11 @@ class HostServices:
     def deadline_ticks(self) -> int:
         # +1: the current epoch may be about to tick the moment a callback starts.
         return max(1, round(self.callback_deadline_s / self.epoch_interval_s)) + 1
+
+    @property
+    def epoch_clock(self) -> EpochTicker:
+        """The thread that bumps the engine's epoch; VMs read its ``ticks``."""
+        return self._ticker
 
     def start(self) -> None:
         """Start the epoch clock (idempotent; ``PluginHost.create`` calls it)."""

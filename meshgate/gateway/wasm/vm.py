@@ -18,11 +18,15 @@ class PluginVM:
     ``copy_out`` (which calls the plugin's allocator).
 
     The CPU deadline is armed only at the outermost entry: a host function that calls back
-    into the guest (the allocator) stays within the callback's budget.
+    into the guest (the allocator) stays within the callback's budget. With an
+    ``epoch_clock`` (the ``EpochTicker``), it is armed only when the clock has ticked since
+    it was last armed: arming again at the same epoch sets the same deadline, and the C
+    call would cost more than the rest of a small callback's Python path.
     """
 
     def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module,
-                 linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int) -> None:
+                 linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int,
+                 epoch_clock: object | None = None) -> None:
         exports = {e.name for e in module.exports}
         if not any(m in exports for m in ABI_MARKERS):
             raise VMLoadError("Missing or unknown Proxy-Wasm ABI version "
@@ -32,6 +36,8 @@ class PluginVM:
         self.deadline_ticks = deadline_ticks
         self.depth = 0
         self._ctx = self.store._context()
+        self._clock = epoch_clock
+        self._armed_at = -1  # the clock's ticks when the deadline was last armed
         _set_deadline(self._ctx, deadline_ticks)
         try:
             instance = linker.instantiate(self.store, module)
@@ -67,7 +73,7 @@ class PluginVM:
         if func is None:
             return None
         if self.depth == 0:
-            _set_deadline(self._ctx, self.deadline_ticks)
+            self._arm_deadline()
         self.depth += 1
         try:
             return func.call(*args)
@@ -76,6 +82,18 @@ class PluginVM:
             raise
         finally:
             self.depth -= 1
+
+    def _arm_deadline(self) -> None:
+        clock = self._clock
+        if clock is None:
+            _set_deadline(self._ctx, self.deadline_ticks)
+            return
+        # Read once: the clock's thread may bump it meanwhile; a stale read only means
+        # arming once more next time (the deadline keeps its +1 tick of slack).
+        ticks = clock.ticks  # type: ignore[attr-defined]
+        if ticks != self._armed_at:
+            _set_deadline(self._ctx, self.deadline_ticks)
+            self._armed_at = ticks
 
     def start(self) -> None:
         """WASI reactor/command entry: ``_initialize`` then ``main``/``__main_void``, or
@@ -105,7 +123,7 @@ class PluginVM:
         if self._alloc is None:
             raise GuestMemoryError("plugin exports no malloc/proxy_on_memory_allocate")
         if self.depth == 0:
-            _set_deadline(self._ctx, self.deadline_ticks)
+            self._arm_deadline()
         self.depth += 1
         try:
             ptr = self._alloc.call(len(data)) or 0
