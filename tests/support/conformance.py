@@ -60,8 +60,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from tests.support import http
 from tests.support.ports import free_port
-from tests.support.sidecar import SIDECAR_CLUSTER, SidecarProcess
-from tests.support.stack import EnvoyHandle, Stack
+from tests.support.stack import SIDECAR_CLUSTER, EnvoyHandle, SidecarHandle, Stack
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer",
                         "upgrade", "proxy-authenticate", "proxy-authorization",
@@ -282,13 +281,12 @@ class ConformancePlanes:
         self.stack = Stack(tmp_path, self.config)
         self.envoy_args = envoy_args
         self.envoy: EnvoyHandle | None = None
-        self.sidecar: SidecarProcess | None = None
+        self.sidecar: SidecarHandle | None = None
 
     def __enter__(self) -> ConformancePlanes:
         self.stack.__enter__()
         try:
-            self.sidecar = SidecarProcess(self.stack, "conformance-sidecar")
-            self.sidecar.start()
+            self.sidecar = self.stack.start_sidecar("conformance-sidecar")
             self.envoy = self.stack.start_envoy("conformance-envoy", extra_args=self.envoy_args)
             self.stack.wait_converged()
         except BaseException:
@@ -298,15 +296,13 @@ class ConformancePlanes:
 
     def __exit__(self, exc_type: type[BaseException] | None = None,
                  exc: BaseException | None = None, tb: TracebackType | None = None) -> None:
-        if self.sidecar is not None:
-            self.sidecar.stop()
         self.stack.__exit__(exc_type, exc, tb)
 
     def envoy_url(self, listener: str) -> str:
         return self.stack.url(listener)
 
     def sidecar_url(self, listener: str) -> str:
-        return f"http://127.0.0.1:{self.sidecar_ports[listener]}"
+        return self.stack.url(listener, "sidecar")
 
     def send_raw(self, listener: str, req: Request) -> tuple[http.Reply, http.Reply]:
         def one(base: str) -> http.Reply:
