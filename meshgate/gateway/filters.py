@@ -11,7 +11,6 @@ into what the data path does.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -72,6 +71,8 @@ class BodyTooLarge(Exception):
 def _outcome(action: Any) -> str:
     """The host's action → "continue", "buffer", or raise for a reply or a reset."""
     wasm = _wasm()
+    if action is wasm.CONTINUE:  # the host's singleton: the common case, one identity test
+        return "continue"
     if isinstance(action, wasm.LocalReply):
         headers = tuple((k, v) for k, v in action.headers if not k.startswith(":"))
         reply = LocalReply(action.status, headers, bytes(action.body or b""), action.details or "")
@@ -100,9 +101,9 @@ class PluginChain:
     def start(
         cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int
     ) -> PluginChain:
+        # One StreamInfo for all the plugins of the request: the host only reads it.
         info = _stream_info(request, span)
-        # One per stream: the host may record per-stream facts on it.
-        return cls([p.new_stream(dataclasses.replace(info)) for p in plugins], limit)
+        return cls([p.new_stream(info) for p in plugins], limit)
 
     async def request_headers(
         self, method: str, path: str, headers: CIMultiDict[str], request: web.BaseRequest
@@ -112,21 +113,26 @@ class PluginChain:
         wasm = _wasm()
         pairs = [(":method", method), (":path", path), (":authority", request.host),
                  (":scheme", request.scheme)]  # fmt: skip
-        hmap = wasm.HeaderMap(pairs + list(headers.items()))
+        pairs.extend(headers.items())
+        hmap = wasm.HeaderMap(pairs)
         end = not request.body_exists
         for stream in self.streams:
             _outcome(await stream.request_headers(hmap, end))
-        self.path = hmap.get(":path")
-        _write_back(hmap, headers)
+        if hmap.edits:  # most plugins only read request headers: skip the copy back
+            self.path = hmap.get(":path")
+            _write_back(hmap, headers)
 
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         wasm = _wasm()
-        hmap = wasm.HeaderMap([(":status", str(status))] + list(headers.items()))
+        pairs = [(":status", str(status))]
+        pairs.extend(headers.items())
+        hmap = wasm.HeaderMap(pairs)
         for stream in reversed(self.streams):
             _outcome(await stream.response_headers(hmap, False))
-        new_status = hmap.get(":status")
-        self.status = int(new_status) if new_status and new_status.isdigit() else None
-        _write_back(hmap, headers)
+        if hmap.edits:
+            new_status = hmap.get(":status")
+            self.status = int(new_status) if new_status and new_status.isdigit() else None
+            _write_back(hmap, headers)
 
     def request_body(self, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         return self._body([s.request_body for s in self.streams], source)
@@ -135,13 +141,16 @@ class PluginChain:
         return self._body([s.response_body for s in reversed(self.streams)], source)
 
     async def whole_response_body(self, body: bytes) -> bytes:
-        """The response body already read whole: one pass with end_of_stream."""
-        out = bytearray()
-        async for chunk in self._body(
-            [s.response_body for s in reversed(self.streams)], _once(body)
-        ):
-            out += chunk
-        return bytes(out)
+        """The response body already read whole: one pass with end_of_stream.
+
+        What `_body` does for a single last chunk, without its generators: each plugin
+        (reverse order) gets the body, edits it in place, and the next sees the edits; a
+        `StopAndBuffer` at end of stream is a continue.
+        """
+        data = bytearray(body)
+        for stream in reversed(self.streams):
+            _outcome(await stream.response_body(data, True))
+        return bytes(data)
 
     async def _body(
         self, callbacks: list[Any], source: AsyncIterator[bytes]
@@ -210,11 +219,6 @@ async def _next(iterator: AsyncIterator[bytes]) -> bytes | None:
         return await iterator.__anext__()
     except StopAsyncIteration:
         return None
-
-
-async def _once(body: bytes) -> AsyncIterator[bytes]:
-    if body:
-        yield body
 
 
 def _write_back(hmap: Any, headers: CIMultiDict[str]) -> None:

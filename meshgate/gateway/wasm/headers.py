@@ -10,13 +10,15 @@ class HeaderMap:
 
     Names are stored lower-cased (HTTP/2 and Envoy normalise them so); lookups are
     case-insensitive. The plugin mutates it in place through the host, and the data path
-    reads it back after each callback.
+    reads it back after each callback. ``edits`` counts the mutations, so the data path can
+    skip copying back a map no plugin changed (the common case for request headers).
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "edits")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
+        self.edits = 0
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(list(self._items))
@@ -51,10 +53,12 @@ class HeaderMap:
         return ",".join(values) if values else None
 
     def add(self, name: str, value: str) -> None:
+        self.edits += 1
         self._items.append((name.lower(), value))
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (appended if absent)."""
+        self.edits += 1
         name = name.lower()
         for i, (k, _) in enumerate(self._items):
             if k == name:
@@ -64,10 +68,12 @@ class HeaderMap:
         self._items.append((name, value))
 
     def remove(self, name: str) -> None:
+        self.edits += 1
         name = name.lower()
         self._items = [kv for kv in self._items if kv[0] != name]
 
     def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
+        self.edits += 1
         self._items = [(k.lower(), v) for k, v in items]
 
     def __contains__(self, name: object) -> bool:
