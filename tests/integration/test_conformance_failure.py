@@ -10,7 +10,7 @@ hello_world example traps on every stream (no HTTP context: the SDK panics in
 Where the planes agree, the test requires identical replies. Where they do not, by
 design (issue 5: "the VM recreated for the next request"), the test pins what each plane
 does, observed here, so a change on either side shows up; decision
-`docs/decisions/0400-conformance-after-a-plugin-trap.md` records the differences:
+`docs/decisions/0400-conformance-differences-envoy-vs-sidecar.md` records the differences:
 
   - fail_closed, requests after the trap: Envoy keeps answering 503 (its VM stays
     failed); the sidecar serves them with a fresh VM.
