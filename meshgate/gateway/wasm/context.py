@@ -86,14 +86,18 @@ class HttpCallResponse:
 
 
 class Context:
-    """Base: a context id, and no maps or buffers."""
+    """Base: a context id, and no maps or buffers.
+
+    ``header_map``/``buffer`` take the ABI's plain int (compared with ``==`` against the
+    enums): the import table skips building an enum member on every host call.
+    """
 
     id: int
 
-    def header_map(self, map_type: MapType) -> HeaderMap | None:
+    def header_map(self, map_type: int) -> HeaderMap | None:
         return None
 
-    def buffer(self, buffer_type: BufferType) -> Buffer | None:
+    def buffer(self, buffer_type: int) -> Buffer | None:
         return None
 
 
@@ -110,21 +114,21 @@ class RootContext(Context):
         self.call_response: HttpCallResponse | None = None
         self.foreign_args: Buffer | None = None
 
-    def header_map(self, map_type: MapType) -> HeaderMap | None:
+    def header_map(self, map_type: int) -> HeaderMap | None:
         if self.call_response is None:
             return None
-        if map_type is MapType.HTTP_CALL_RESPONSE_HEADERS:
+        if map_type == MapType.HTTP_CALL_RESPONSE_HEADERS:
             return self.call_response.headers
-        if map_type is MapType.HTTP_CALL_RESPONSE_TRAILERS:
+        if map_type == MapType.HTTP_CALL_RESPONSE_TRAILERS:
             return self.call_response.trailers
         return None
 
-    def buffer(self, buffer_type: BufferType) -> Buffer | None:
-        if buffer_type is BufferType.VM_CONFIGURATION:
+    def buffer(self, buffer_type: int) -> Buffer | None:
+        if buffer_type == BufferType.VM_CONFIGURATION:
             return self.vm_configuration
-        if buffer_type is BufferType.PLUGIN_CONFIGURATION:
+        if buffer_type == BufferType.PLUGIN_CONFIGURATION:
             return self.plugin_configuration if self.configuring else None
-        if buffer_type is BufferType.HTTP_CALL_RESPONSE_BODY and self.call_response:
+        if buffer_type == BufferType.HTTP_CALL_RESPONSE_BODY and self.call_response:
             return self.call_response.body
         return None
 
@@ -165,21 +169,21 @@ class StreamContext(Context):
         self.failed = False
         self.reset_requested = False
 
-    def header_map(self, map_type: MapType) -> HeaderMap | None:
-        if map_type is MapType.HTTP_REQUEST_HEADERS:
+    def header_map(self, map_type: int) -> HeaderMap | None:
+        if map_type == MapType.HTTP_REQUEST_HEADERS:
             return self.request_headers
-        if map_type is MapType.HTTP_REQUEST_TRAILERS:
+        if map_type == MapType.HTTP_REQUEST_TRAILERS:
             return self.request_trailers
-        if map_type is MapType.HTTP_RESPONSE_HEADERS:
+        if map_type == MapType.HTTP_RESPONSE_HEADERS:
             return self.response_headers
-        if map_type is MapType.HTTP_RESPONSE_TRAILERS:
+        if map_type == MapType.HTTP_RESPONSE_TRAILERS:
             return self.response_trailers
         return self.root.header_map(map_type)
 
-    def buffer(self, buffer_type: BufferType) -> Buffer | None:
-        if buffer_type is BufferType.HTTP_REQUEST_BODY:
+    def buffer(self, buffer_type: int) -> Buffer | None:
+        if buffer_type == BufferType.HTTP_REQUEST_BODY:
             return self.request_body
-        if buffer_type is BufferType.HTTP_RESPONSE_BODY:
+        if buffer_type == BufferType.HTTP_RESPONSE_BODY:
             return self.response_body
         return self.root.buffer(buffer_type)
 

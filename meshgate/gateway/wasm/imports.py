@@ -30,6 +30,8 @@ from .services import HostServices
 from .vm import PluginVM
 
 OK, NOT_FOUND, BAD_ARGUMENT = int(Status.OK), int(Status.NOT_FOUND), int(Status.BAD_ARGUMENT)
+_LAST_MAP = int(MapType.HTTP_CALL_RESPONSE_TRAILERS)
+_LAST_BUFFER = int(BufferType.FOREIGN_FUNCTION_ARGUMENTS)
 
 
 class ImportTarget(Protocol):
@@ -72,9 +74,9 @@ class ProxyWasmImports:
 
     def _map(self, map_type: int) -> tuple[int, HeaderMap | None]:
         """(status, map): BAD_ARGUMENT past the last map type, NOT_FOUND if unavailable."""
-        if map_type > MapType.HTTP_CALL_RESPONSE_TRAILERS:
+        if map_type > _LAST_MAP:
             return BAD_ARGUMENT, None
-        m = self.t.effective.header_map(MapType(map_type))
+        m = self.t.effective.header_map(map_type)
         return (OK, m) if m is not None else (NOT_FOUND, None)
 
     # -- logging, time, context -----------------------------------------------------------
@@ -105,18 +107,18 @@ class ProxyWasmImports:
     # -- buffers ----------------------------------------------------------------------
     def proxy_get_buffer_bytes(self, btype: int, start: int, max_size: int, ret_ptr: int,
                                ret_size: int) -> int:
-        if btype > BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+        if btype > _LAST_BUFFER:
             return BAD_ARGUMENT
-        buf = self.t.effective.buffer(BufferType(btype))
+        buf = self.t.effective.buffer(btype)
         if buf is None:
             return NOT_FOUND
         self.t.vm.copy_out(buf.slice(start, max_size), ret_ptr, ret_size)
         return OK
 
     def proxy_get_buffer_status(self, btype: int, ret_size: int, ret_flags: int) -> int:
-        if btype > BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+        if btype > _LAST_BUFFER:
             return BAD_ARGUMENT
-        buf = self.t.effective.buffer(BufferType(btype))
+        buf = self.t.effective.buffer(btype)
         if buf is None:
             return NOT_FOUND
         self.t.vm.mem.write_u32(ret_size, len(buf.data))
@@ -125,9 +127,9 @@ class ProxyWasmImports:
 
     def proxy_set_buffer_bytes(self, btype: int, start: int, size: int, value_ptr: int,
                                value_size: int) -> int:
-        if btype > BufferType.FOREIGN_FUNCTION_ARGUMENTS:
+        if btype > _LAST_BUFFER:
             return BAD_ARGUMENT
-        buf = self.t.effective.buffer(BufferType(btype))
+        buf = self.t.effective.buffer(btype)
         if buf is None:
             return NOT_FOUND
         return int(buf.copy_from(start, size, self.t.vm.mem.read(value_ptr, value_size)))
