@@ -63,7 +63,7 @@ def planes(tmp_path_factory: pytest.TempPathFactory,
     plugins = [example("http_headers"), example("http_body"),
                example("http_config", config=HEADER_CONFIG),
                example("http_auth_random"), example("hello_world")]
-    listeners = [ListenerSpec(p["name"], [p["name"]]) for p in plugins]  # type: ignore[misc]
+    listeners = [ListenerSpec(str(p["name"]), [str(p["name"])]) for p in plugins]
     path: Path = tmp_path_factory.mktemp("conformance-examples")
     with ConformancePlanes(path, listeners, plugins, upstream,
                            extra_clusters={"httpbin": upstream.port},
@@ -168,7 +168,7 @@ def test_http_auth_random_decides_on_the_callout_byte(planes: ConformancePlanes,
 
 def test_http_auth_random_with_random_bytes_has_the_same_shape(
         planes: ConformancePlanes) -> None:
-    seen = {"envoy": set(), "sidecar": set()}  # type: dict[str, set[int]]
+    seen: dict[str, set[int]] = {"envoy": set(), "sidecar": set()}
     for _ in range(8):
         envoy, sidecar = planes.send("http-auth-random", Request("/protected"))
         for plane, reply in (("envoy", envoy), ("sidecar", sidecar)):
