@@ -148,6 +148,9 @@ def _listener(listener: Listener, port: int | None, config: MeshConfig) -> liste
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=listener.name,
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
+        # A gateway's downstream is the client: append its address to x-forwarded-for,
+        # as meshgate's sidecar does, so upstreams and plugins see who called.
+        use_remote_address=wrappers_pb2.BoolValue(value=True),
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=route_config_name(listener.name)),
         http_filters=[_plugin_filter(config.plugin(p)) for p in listener.plugins]
         + [_router_filter()],

@@ -59,13 +59,18 @@ def test_without_plugins_the_replies_agree(planes: ConformancePlanes) -> None:
     assert envoy.json()["headers"] == {"accept-encoding": "identity", "x-a": "1"}
 
 
-@pytest.mark.xfail(strict=True, reason="the sidecar appends x-forwarded-for; Envoy, as "
-                   "meshgate configures it (use_remote_address unset), does not "
-                   "(decision 0400)")
-def test_upstream_sees_the_same_x_forwarded_for(planes: ConformancePlanes,
-                                                 upstream: ConformanceUpstream) -> None:
-    envoy_seen, sidecar_seen = upstream_saw(planes, upstream, "bare", Request("/xff"))
-    assert envoy_seen.get("x-forwarded-for") == sidecar_seen.get("x-forwarded-for")
+def test_both_planes_append_the_caller_to_x_forwarded_for(
+        planes: ConformancePlanes, upstream: ConformanceUpstream) -> None:
+    """Both keep the client's chain and append one hop. For a loopback caller Envoy
+    appends its own host address instead of 127.0.0.1 (decision 0400); for any other
+    caller both append the peer address."""
+    request = Request("/xff", headers={"x-forwarded-for": "203.0.113.7"})
+    envoy_seen, sidecar_seen = upstream_saw(planes, upstream, "bare", request)
+    envoy_hops = [h.strip() for h in envoy_seen["x-forwarded-for"].split(",")]
+    sidecar_hops = [h.strip() for h in sidecar_seen["x-forwarded-for"].split(",")]
+    assert envoy_hops[0] == sidecar_hops[0] == "203.0.113.7"
+    assert len(envoy_hops) == len(sidecar_hops) == 2
+    assert sidecar_hops[1] == "127.0.0.1"
 
 
 def test_without_plugins_upstream_sees_the_clients_content_length(

@@ -16,7 +16,6 @@ import pytest
 
 from tests.cases.material import ApiKey, Bearer, Jwt, Material
 from tests.cases.plugin_cases import SCENARIOS
-from tests.integration.test_plugin_cases import OPA, opa_server
 from tests.support.conformance import (
     ConformancePlanes,
     ConformanceUpstream,
@@ -25,6 +24,7 @@ from tests.support.conformance import (
     Request,
     assert_same,
 )
+from tests.support.opa import OPA, opa_server
 from tests.support.stack import PLUGINS
 
 pytestmark = [

@@ -29,13 +29,12 @@ from meshgate.xds.bootstrap import envoy_bootstrap
 from tests.cases.material import Material
 from tests.cases.plugin_cases import CASES, PRESENT, SCENARIOS, Case, Expect
 from tests.support import http
+from tests.support.opa import OPA, opa_server
 from tests.support.ports import free_port
 from tests.support.stack import REPO, SIDECAR_CLUSTER, EnvoyHandle, Stack, wait_for
 from tests.support.upstream import echo_upstreams
 
 PLUGINS = REPO / "build" / "plugins"
-OPA = REPO / ".tools" / "opa"
-POLICIES = REPO / "policies"
 
 pytestmark = [
     pytest.mark.envoy,
@@ -49,26 +48,6 @@ pytestmark = [
 
 
 # -- the parts around Envoy -----------------------------------------------------------
-
-@contextmanager
-def opa_server(log_dir: Path) -> Iterator[int]:
-    """A real OPA with meshgate's policy and data, on loopback."""
-    port = free_port()
-    log = (log_dir / "opa.log").open("ab")
-    proc = subprocess.Popen(
-        [str(OPA), "run", "--server", "--addr", f"127.0.0.1:{port}", "--log-level", "error",
-         str(POLICIES / "authz.rego"), str(POLICIES / "data.json")],
-        stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-    )
-    log.close()
-    try:
-        wait_for(lambda: http.request(f"http://127.0.0.1:{port}/health").status == 200, 30,
-                 "OPA health")
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
 
 @contextmanager
 def jwks_server(document: dict[str, Any]) -> Iterator[int]:
