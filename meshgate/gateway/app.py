@@ -270,11 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sotw", action="store_true", help="state-of-the-world, not delta")
     parser.add_argument("--drain-timeout", type=float, default=10.0)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--no-uvloop", action="store_true", help="asyncio's own event loop")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    install_uvloop()
+    if not args.no_uvloop:
+        install_uvloop()
     asyncio.run(
         run_sidecar(
             args.xds,
