@@ -134,6 +134,12 @@ class PluginChain:
             self.status = int(new_status) if new_status and new_status.isdigit() else None
             _write_back(hmap, headers)
 
+    @property
+    def may_change_request_body(self) -> bool:
+        """Whether any plugin of the chain has a request-body callback (only those can
+        edit the body, so without one the client's framing stays valid)."""
+        return any(s.exports("proxy_on_request_body") for s in self.streams)
+
     def request_body(self, source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         return self._body([s.request_body for s in self.streams], source)
 
@@ -157,9 +163,9 @@ class PluginChain:
     ) -> AsyncIterator[bytes]:
         held = [bytearray() for _ in callbacks]
         iterator = source.__aiter__()
-        pending: bytes | None = await _next(iterator)
+        pending: bytes | None = await next_chunk(iterator)
         while pending is not None:
-            following = await _next(iterator)
+            following = await next_chunk(iterator)
             end = following is None
             out = await self._through(callbacks, held, pending, end)
             if out:
@@ -214,7 +220,7 @@ def _stream_info(request: web.BaseRequest, span: Any) -> Any:
     )
 
 
-async def _next(iterator: AsyncIterator[bytes]) -> bytes | None:
+async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:
     try:
         return await iterator.__anext__()
     except StopAsyncIteration:

@@ -32,6 +32,7 @@ from meshgate.gateway.filters import (
     PluginChain,
     PluginReplied,
     StreamReset,
+    next_chunk,
 )
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.resources import Endpoint, Route
@@ -175,16 +176,14 @@ class DataPath:
         chain: PluginChain | None,
     ) -> web.StreamResponse:
         path = route.rewrite(request.raw_path)
-        body: AsyncIterator[bytes] | None = None
         if chain is not None:
             await chain.request_headers(request.method, path, up_headers, request)
             path = chain.path or path
+        body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
             body = _body_stream(request, self.settings.body_idle_timeout_s)
             if chain is not None:
-                # Plugins may resize the body: let aiohttp frame it (chunked).
-                up_headers.popall("content-length", None)
-                body = chain.request_body(body)
+                body = await _framed_through_plugins(chain, body, up_headers)
         upstream = await self._send(request.method, path, route, cluster, up_headers, body)
         try:
             return await self._respond(request, upstream, chain)
@@ -325,6 +324,70 @@ async def _body_stream(request: web.BaseRequest, idle_s: float) -> AsyncIterator
         if not chunk:
             return
         yield chunk
+
+
+async def _framed_through_plugins(
+    chain: PluginChain, source: AsyncIterator[bytes], up_headers: CIMultiDict[str]
+) -> bytes | AsyncIterator[bytes]:
+    """The request body after the plugins, framed as Envoy frames it.
+
+    Envoy forwards the `content-length` the plugins left in the headers (a plugin that
+    resizes a body is expected to remove it in its headers callback, and then the body
+    goes chunked). Without a length, the body streams chunked. With one:
+    - no plugin exports a request-body callback: the body cannot change, it streams
+      under the client's length;
+    - otherwise the first chunk out of the plugins is awaited before anything leaves: if
+      it is the whole body (one chunk, or a plugin buffered it all), it goes out with its
+      real length, so a plugin that rewrote a buffered body cannot break the framing;
+      if the body keeps streaming, it goes under the declared length, checked.
+    Errors raised here (a plugin reply, a body over the buffer limit, a broken client
+    body) are mapped like the ones raised while sending.
+    """
+    declared = up_headers.get("content-length")
+    body = chain.request_body(source)
+    if declared is None or not declared.isdigit():
+        up_headers.popall("content-length", None)
+        return body
+    if not chain.may_change_request_body:
+        return body
+    iterator = body.__aiter__()
+    try:
+        first = await next_chunk(iterator)
+        second = await next_chunk(iterator) if first is not None else None
+    except BodyStreamError as exc:
+        raise ProxyError(exc.status, exc.cause, str(exc)) from exc
+    except BodyTooLarge as exc:
+        raise ProxyError(413, "request_body_too_large", str(exc)) from exc
+    if second is None:
+        whole = first or b""
+        up_headers["content-length"] = str(len(whole))
+        return whole
+    return _checked_length((first or b"", second), iterator, int(declared))
+
+
+async def _checked_length(
+    head: tuple[bytes, ...], rest: AsyncIterator[bytes], declared: int
+) -> AsyncIterator[bytes]:
+    """Stream under a declared length; a plugin that resized a streamed body without
+    removing `content-length` fails the request instead of sending a truncated or
+    overlong body (aiohttp would silently cut the excess)."""
+    sent = 0
+    for chunk in head:
+        sent += len(chunk)
+        if sent > declared:
+            break
+        yield chunk
+    else:
+        async for chunk in rest:
+            sent += len(chunk)
+            if sent > declared:
+                break
+            yield chunk
+    if sent != declared:
+        raise BodyStreamError(
+            500, "request_body_length_mismatch",
+            f"plugins changed the body to {sent}+ bytes under content-length {declared}",
+        )  # fmt: skip
 
 
 def _body_cause(exc: BaseException) -> tuple[int, str] | None:

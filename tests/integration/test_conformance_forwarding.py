@@ -82,9 +82,6 @@ def test_without_plugins_upstream_sees_the_clients_content_length(
     assert "transfer-encoding" not in sidecar_seen
 
 
-@pytest.mark.xfail(strict=True, reason="with a plugin in the chain, the sidecar forwards a "
-                   "request body chunked; Envoy keeps the client's content-length "
-                   "(decision 0400)")
 def test_with_a_plugin_upstream_sees_the_clients_content_length(
         planes: ConformancePlanes, upstream: ConformanceUpstream) -> None:
     envoy_seen, sidecar_seen = upstream_saw(

@@ -152,6 +152,66 @@ async def test_plugin_that_rewrites_the_request_body_is_what_the_upstream_gets(
         finally:
             stack.__exit__(None, None, None)
     assert seen["body_length"] == len(b"rewritten by the plugin")
+    # The plugin held the whole body before anything left: it goes out with its real
+    # length, not the client's 14000 and not chunked.
+    assert seen["headers"]["content-length"] == str(len(b"rewritten by the plugin"))
+    assert "transfer-encoding" not in seen["headers"]
+
+
+async def _post_through_body_plugin(tmp_path: Path, on_request_body: str,
+                                    chunks: list[bytes]) -> tuple[int, dict]:  # type: ignore[type-arg]
+    """POST `chunks` (sent as they come, under a content-length) through a listener whose
+    WAT plugin runs `on_request_body`; the status and what the upstream saw."""
+    import wasmtime
+
+    from tests.unit.wasm.wat import plugin
+
+    wasm = tmp_path / "body_plugin.wasm"
+    wasm.write_bytes(wasmtime.wat2wasm(plugin(strings={"x": b"x"},
+                                              on_request_body=on_request_body)))
+    total = sum(len(c) for c in chunks)
+
+    async def slow_body():  # type: ignore[no-untyped-def]
+        for chunk in chunks:
+            yield chunk
+            await asyncio.sleep(0.05)  # separate reads on the sidecar's side
+
+    async with upstreams("a") as ports:
+        port = free_port()
+        config = mesh_config(port, [ports["a"]], plugins=[{"name": "body", "wasm": str(wasm)}],
+                             listener_plugins=["body"])
+        stack = await start_stack(tmp_path, config)
+        try:
+            async with running_sidecar(stack), aiohttp.ClientSession() as client:
+                async with client.post(f"http://127.0.0.1:{port}/echo", data=slow_body(),
+                                       headers={"content-length": str(total)}) as resp:
+                    return resp.status, (await resp.json() if resp.status == 200 else {})
+        finally:
+            stack.__exit__(None, None, None)
+
+
+async def test_a_streamed_body_a_plugin_only_reads_keeps_the_clients_length(
+    tmp_path: Path,
+) -> None:
+    status, seen = await _post_through_body_plugin(
+        tmp_path, "(i32.const 0)", [b"a" * 1000, b"b" * 1000, b"c" * 1000])
+    assert status == 200
+    assert seen["body_length"] == 3000
+    assert seen["headers"]["content-length"] == "3000"
+    assert "transfer-encoding" not in seen["headers"]
+
+
+async def test_a_plugin_resizing_a_streamed_body_under_a_length_fails_the_request(
+    tmp_path: Path,
+) -> None:
+    # The plugin appends a byte to every chunk but leaves content-length: Envoy would send
+    # a body that breaks the framing; the sidecar answers an error naming the cause.
+    status, _ = await _post_through_body_plugin(
+        tmp_path,
+        "(drop (call $proxy_set_buffer_bytes (i32.const 0) (local.get $n) (i32.const 0) @x #x))"
+        " (i32.const 0)",
+        [b"a" * 1000, b"b" * 1000, b"c" * 1000])
+    assert status == 500
 
 
 def _ticker(tmp_path: Path, label: str) -> Path:

@@ -56,6 +56,12 @@ class HttpStream:
     def context_id(self) -> int:
         return self.ctx.id
 
+    def exports(self, callback: str) -> bool:
+        """Whether the plugin exports ``callback`` (e.g. ``proxy_on_request_body``): the
+        data path may rely on a body no plugin can see staying unchanged."""
+        vm = self.host.vm
+        return vm is not None and vm.has(callback)
+
     # -- request ------------------------------------------------------------------------
     async def request_headers(self, headers: HeaderMap, end_of_stream: bool) -> StreamAction:
         """The plugin may edit ``headers`` in place."""
