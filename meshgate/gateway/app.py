@@ -60,10 +60,8 @@ class Sidecar:
         self.holder = ConfigHolder()
         self.pool = SessionPool()
         provider = options.tracer_provider or sidecar_tracer_provider()
-        self.data_path = DataPath(
-            self.holder, self.metrics, options.data_path, provider.get_tracer("meshgate.sidecar")
-        )
-        self.plugins = PluginLoader(self.holder, self.metrics.registry, options)
+        self.data_path = DataPath(self.holder, self.metrics, options.data_path, provider)
+        self.plugins = PluginLoader(self.holder, self.metrics.registry, options, provider)
         self.holder.on_drained = self._close_unused_plugins
         self.xds = XdsClient(
             options.xds_target,

@@ -23,6 +23,7 @@ from yarl import URL
 
 from meshgate.gateway.plugin_resources import PluginBinaryCache, PluginResource
 from meshgate.gateway.resources import UnsupportedConfig
+from meshgate.otel import WasiTracing
 
 if TYPE_CHECKING:
     from meshgate.gateway.config import ConfigHolder
@@ -277,8 +278,10 @@ class ClusterCallDispatcher:
 class PluginLoader:
     """Plugin VMs by resource: fetched, sha256-checked, instantiated, reused across updates."""
 
-    def __init__(self, holder: ConfigHolder, registry: CollectorRegistry, options: Any) -> None:
+    def __init__(self, holder: ConfigHolder, registry: CollectorRegistry, options: Any,
+                 tracer_provider: Any = None) -> None:
         self.holder = holder
+        self._tracer_provider = tracer_provider
         self.binaries = PluginBinaryCache()
         self._registry = registry
         self._options = options
@@ -297,6 +300,10 @@ class PluginLoader:
                 node_cluster=self._options.node_cluster,
                 metrics_registry=self._registry,
             )
+            # Plugins' wasi:tracing spans become children of the request's span, exported
+            # with the sidecar's own (docs/internals.md); Envoy answers these NotFound.
+            self._services.foreign_functions.update(
+                WasiTracing(self._tracer_provider).functions())
         return self._services
 
     async def load_all(self, resources: dict[str, PluginResource]) -> None:

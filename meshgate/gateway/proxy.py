@@ -36,6 +36,13 @@ from meshgate.gateway.filters import (
 )
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.resources import Endpoint, Route
+from meshgate.gateway.tracing import (
+    id_generator,
+    inject_traceparent,
+    light_server_span,
+    sidecar_tracer_provider,
+    spans_consumed,
+)
 from meshgate.gateway.upstream import NoHealthyUpstream, UpstreamCluster
 
 log = logging.getLogger("meshgate.sidecar.proxy")
@@ -81,12 +88,14 @@ class DataPath:
         holder: ConfigHolder,
         metrics: SidecarMetrics,
         settings: DataPathSettings | None = None,
-        tracer: trace.Tracer | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.holder = holder
         self.metrics = metrics
         self.settings = settings or DataPathSettings()
-        self.tracer = tracer or trace.get_tracer("meshgate.sidecar")
+        self.provider = tracer_provider or sidecar_tracer_provider()
+        self.tracer = self.provider.get_tracer("meshgate.sidecar")
+        self._ids = id_generator(self.provider)
 
     def handler(self, listener: str) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -101,23 +110,29 @@ class DataPath:
             return _error_response(ProxyError(503, "listener_not_configured", listener_name))
         config.inflight += 1
         started = time.perf_counter()
-        parent = _PROPAGATOR.extract(request.headers)
-        span = self.tracer.start_span(
-            f"{request.method} {listener_name}", context=parent, kind=SpanKind.SERVER
-        )
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        token = None
+        span: trace.Span
+        if spans_consumed(self.provider):
+            parent = _PROPAGATOR.extract(request.headers)
+            span = self.tracer.start_span(
+                f"{request.method} {listener_name}", context=parent, kind=SpanKind.SERVER
+            )
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+        else:  # nobody sees spans: the trace context alone, for propagation and exemplars
+            span = light_server_span(request.headers, self._ids)
         cluster_name, response = "", None
         try:
             cluster_name, response = await self._proxy(config, lc, request, span)
             return response
         finally:
-            otel_context.detach(token)
             self.holder.release(config)
             status = response.status if response is not None else 499
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            span.end()
+            if token is not None:
+                otel_context.detach(token)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
+                span.end()
             self.metrics.observe_request(
                 listener_name, cluster_name, status, time.perf_counter() - started, span
             )
@@ -135,7 +150,7 @@ class DataPath:
             return route.cluster, _error_response(
                 ProxyError(503, "cluster_not_found", route.cluster)
             )
-        up_headers = self._upstream_headers(request)
+        up_headers = self._upstream_headers(request, span)
         chain = None
         if lc.plugins:
             limit = self.settings.max_buffered_body
@@ -155,7 +170,7 @@ class DataPath:
             if chain is not None:
                 await chain.finish()
 
-    def _upstream_headers(self, request: web.BaseRequest) -> CIMultiDict[str]:
+    def _upstream_headers(self, request: web.BaseRequest, span: trace.Span) -> CIMultiDict[str]:
         out = strip_hop_by_hop(request.headers)
         peer = request.remote or ""
         prior = out.get("x-forwarded-for")
@@ -164,7 +179,7 @@ class DataPath:
             out["x-forwarded-proto"] = request.scheme
         if "x-request-id" not in out:
             out["x-request-id"] = uuid.uuid4().hex
-        _PROPAGATOR.inject(out)
+        inject_traceparent(span, out)  # the request's span, attached to no context
         return out
 
     async def _exchange(

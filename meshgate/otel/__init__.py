@@ -7,7 +7,8 @@
   with the proxy-wasm host: ``services.foreign_functions.update(WasiTracing(p).functions())``.
 """
 
-from .setup import otlp_configured, setup_tracing
+from .setup import otlp_configured, setup_tracing, spans_consumed
 from .wasi_tracing import WasiTracing, parse_traceparent
 
-__all__ = ["WasiTracing", "otlp_configured", "parse_traceparent", "setup_tracing"]
+__all__ = ["WasiTracing", "otlp_configured", "parse_traceparent", "setup_tracing",
+           "spans_consumed"]

@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from opentelemetry import trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider, sampling
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 
@@ -47,3 +48,22 @@ def setup_tracing(service_name: str | None = None, *, endpoint: str | None = Non
     if exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     return provider
+
+
+def spans_consumed(provider: trace.TracerProvider) -> bool:
+    """Whether a span built through ``provider`` would be seen or change anything.
+
+    False only for the SDK's provider with no span processor (nothing exports or reads
+    spans) and the default sampler (parent-based, always on: a new span is sampled unless
+    its parent is not, so its flags are known without asking the sampler). Then callers
+    may use a non-recording span with fresh ids, which carries the same trace context for
+    propagation and exemplars at a fraction of the cost. Read on every call: a processor
+    added later (tests, a late exporter) turns full spans back on.
+    """
+    if not isinstance(provider, TracerProvider):
+        return True  # an API-only or foreign provider: let it decide, as before
+    if provider.sampler is not sampling.DEFAULT_ON:
+        return True
+    # The SDK keeps its processors in a tuple on the multi-processor; no public accessor.
+    processors = getattr(provider._active_span_processor, "_span_processors", None)
+    return processors is None or bool(processors)

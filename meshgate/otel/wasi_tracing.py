@@ -15,6 +15,10 @@ carries ``traceparent``, ``tracestate`` and ``span`` (the stream's OpenTelemetry
 if the data path has one) — the proxy-wasm host's ``ForeignCall``. This module imports no
 other part of meshgate, so it takes ``call`` by shape.
 
+When nothing consumes spans (``spans_consumed``: no processor, default sampler),
+``record-span`` still validates its argument and answers a fresh span id, but builds no
+span (the SDK span cost ~9 µs a call, decision 0700).
+
 Recorded spans stay open for ``event_window_s`` so ``add-event`` can still attach events
 (an ended OpenTelemetry span is immutable); they end with the plugin's own end time,
 either when the window passes (checked on every call) or on ``flush()``.
@@ -30,8 +34,11 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
+
+from .setup import spans_consumed
 
 # proxy_status_t values (kept local: this module must not import the wasm host).
 OK, NOT_FOUND, BAD_ARGUMENT, PARSE_FAILURE = 0, 1, 2, 4
@@ -95,7 +102,10 @@ class WasiTracing:
     def __init__(self, tracer_provider: trace.TracerProvider | None = None,
                  event_window_s: float = 1.0, max_open_spans: int = 4096) -> None:
         provider = tracer_provider or trace.get_tracer_provider()
+        self.provider = provider
         self.tracer = provider.get_tracer("meshgate.wasi-tracing")
+        ids = getattr(provider, "id_generator", None)
+        self._ids = ids if isinstance(ids, IdGenerator) else RandomIdGenerator()
         self.event_window_s = event_window_s
         self.max_open_spans = max_open_spans
         # span id (hex) -> (span, plugin end time ns, wall-clock deadline for events)
@@ -132,6 +142,12 @@ class WasiTracing:
             return PARSE_FAILURE, b""
         except (KeyError, TypeError, ValueError, AttributeError):
             return BAD_ARGUMENT, b""
+        if not spans_consumed(self.provider):
+            # Nothing would see the span: answer a fresh id, and remember it for the
+            # event window so add-event answers as it would for an exported span.
+            span_id = f"{self._ids.generate_span_id():016x}"
+            self._remember(span_id, None, end)
+            return OK, span_id.encode()
         parent = _parent_context(call)
         ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent \
             else otel_context.Context()
@@ -142,11 +158,16 @@ class WasiTracing:
             span.set_status(Status(code, status.get("message") or None
                                    if code is StatusCode.ERROR else None))
         span_id = f"{span.get_span_context().span_id:016x}"
+        self._remember(span_id, span, end)
+        return OK, span_id.encode()
+
+    def _remember(self, span_id: str, span: Any, end: int) -> None:
+        """Keep a recorded span open for add-event (``span`` None: not exported)."""
         self._open[span_id] = (span, end, time.monotonic() + self.event_window_s)
         while len(self._open) > self.max_open_spans:
             _, (old, old_end, _) = self._open.popitem(last=False)
-            old.end(end_time=old_end)
-        return OK, span_id.encode()
+            if old is not None:
+                old.end(end_time=old_end)
 
     def add_event(self, args: bytes, call: Any) -> Result:
         try:
@@ -162,7 +183,8 @@ class WasiTracing:
         if entry is None:
             self._expire()
             return NOT_FOUND, b""
-        entry[0].add_event(name, attributes=attributes, timestamp=when)
+        if entry[0] is not None:
+            entry[0].add_event(name, attributes=attributes, timestamp=when)
         self._expire()
         return OK, b""
 
@@ -173,10 +195,12 @@ class WasiTracing:
             if deadline > now:
                 return
             del self._open[span_id]
-            span.end(end_time=end)
+            if span is not None:
+                span.end(end_time=end)
 
     def flush(self) -> None:
         """End every recorded span now (at shutdown, or in tests)."""
         while self._open:
             _, (span, end, _) = self._open.popitem(last=False)
-            span.end(end_time=end)
+            if span is not None:
+                span.end(end_time=end)

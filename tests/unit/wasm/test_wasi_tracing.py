@@ -89,3 +89,40 @@ async def test_bad_arguments(load, tracing):
     assert (await _call(host, ctx, b"wasi:tracing/record-span", b'{"name": "x"}'))[0] == 2
     unknown = json.dumps({"span_id": "00" * 8, "name": "e", "time_unix_nanos": 1}).encode()
     assert (await _call(host, ctx, b"wasi:tracing/add-event", unknown))[0] == 1
+
+
+@pytest.fixture
+def unexported(services) -> WasiTracing:
+    """A provider with no processor: nothing would ever see a span."""
+    wt = WasiTracing(setup_tracing("test"), event_window_s=60)
+    services.foreign_functions.update(wt.functions())
+    return wt
+
+
+async def test_without_an_exporter_record_span_answers_as_with_one(load, unexported):
+    from .wat import plugin
+    host = await load(plugin())
+    ctx = host.new_stream(StreamInfo(traceparent=TRACEPARENT)).ctx
+    record = {"name": "lookup", "start_unix_nanos": 1, "end_unix_nanos": 2}
+    status, span_id = await _call(host, ctx, b"wasi:tracing/record-span",
+                                  json.dumps(record).encode())
+    assert status == 0 and len(span_id) == 16 and int(span_id, 16) != 0
+    event = {"span_id": span_id.decode(), "name": "e", "time_unix_nanos": 1}
+    assert (await _call(host, ctx, b"wasi:tracing/add-event", json.dumps(event).encode()))[0] == 0
+    # Bad arguments are refused the same way as when spans are exported.
+    assert (await _call(host, ctx, b"wasi:tracing/record-span", b"{not json"))[0] == 4
+    assert (await _call(host, ctx, b"wasi:tracing/record-span", b'{"name": "x"}'))[0] == 2
+
+
+async def test_a_processor_added_later_gets_the_plugins_spans(load, unexported):
+    from .wat import plugin
+    host = await load(plugin())
+    exporter = InMemorySpanExporter()
+    unexported.provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ctx = host.new_stream(StreamInfo(traceparent=TRACEPARENT)).ctx
+    record = {"name": "late", "start_unix_nanos": 1, "end_unix_nanos": 2}
+    status, span_id = await _call(host, ctx, b"wasi:tracing/record-span",
+                                  json.dumps(record).encode())
+    unexported.flush()
+    (span,) = exporter.get_finished_spans()
+    assert status == 0 and f"{span.context.span_id:016x}" == span_id.decode()
