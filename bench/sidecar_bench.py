@@ -89,14 +89,19 @@ def mesh_config(ports: dict[str, int]) -> dict[str, object]:
         "nodes": [
             {"cluster": "meshgate-sidecar", "listeners": ["bare", "plugged"]},
             {"cluster": "envoy", "listeners": ["plugged"], "ports": {"plugged": ports["envoy"]}},
+            # The sidecar started from --compare's tree, on ports of its own.
+            {"cluster": "sidecar-compare", "listeners": ["bare", "plugged"],
+             "ports": {"bare": ports["cmp_bare"], "plugged": ports["cmp_plugged"]}},
         ],
     }
 
 
 @contextlib.contextmanager
-def process(args: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def process(args: list[str], log: Path, tree: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     with log.open("ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=REPO)
+        proc = subprocess.Popen(args, stdout=out, stderr=out, stdin=subprocess.DEVNULL, cwd=tree,
+                                env=env)  # fmt: skip
     try:
         yield proc
     finally:
@@ -146,6 +151,7 @@ def run(
     envoy: bool = True,
     rounds: int = 1,
     uvloop: bool = True,
+    compare: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
@@ -154,7 +160,8 @@ def run(
     from meshgate.xds.bootstrap import envoy_bootstrap
 
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
-    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "envoy_admin")
+    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "envoy_admin",
+             "cmp_bare", "cmp_plugged", "cmp_admin")  # fmt: skip
     ports = {name: free_port() for name in names}
     import yaml
 
@@ -187,26 +194,18 @@ def run(
                 tmp / "cs.log",
             )
         )
-        stack.enter_context(
-            process(
-                [
-                    PY,
-                    *(["-m", "cProfile", "-o", str(profile)] if profile else []),
-                    "-m",
-                    "meshgate.gateway.app",
-                    "--xds",
-                    f"127.0.0.1:{ports['xds']}",
-                    "--node-id",
-                    "sidecar-bench",
-                    "--admin-port",
-                    str(ports["admin"]),
-                    "--log-level",
-                    "WARNING",
-                    *([] if uvloop else ["--no-uvloop"]),
-                ],
-                tmp / "sidecar.log",
-            )
-        )
+        def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str) -> None:
+            stack.enter_context(process(
+                [PY, *(["-m", "cProfile", "-o", str(prof)] if prof else []),
+                 "-m", "meshgate.gateway.app", "--xds", f"127.0.0.1:{ports['xds']}",
+                 "--node-id", f"{cluster}-bench", "--node-cluster", cluster,
+                 "--admin-port", str(admin), "--log-level", "WARNING",
+                 *([] if uvloop else ["--no-uvloop"])],
+                tmp / log, tree))  # fmt: skip
+
+        sidecar("meshgate-sidecar", ports["admin"], REPO, profile, "sidecar.log")
+        if compare is not None:
+            sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log")
         stack.enter_context(process(
             [find_envoy(), "-c", str(tmp / "envoy.json"), "--concurrency", "1", "-l", "error",
              "--use-dynamic-base-id"], tmp / "envoy.log"))  # fmt: skip
@@ -217,6 +216,10 @@ def run(
         }
         if not envoy:
             del targets["envoy 1 worker (rate-limit + auth)"]
+        if compare is not None:
+            targets["compare: sidecar (bare)"] = f"http://127.0.0.1:{ports['cmp_bare']}/"
+            targets["compare: sidecar (rate-limit + auth)"] = (
+                f"http://127.0.0.1:{ports['cmp_plugged']}/")
         for url in targets.values():
             wait_ok(url)
         for url in targets.values():
@@ -243,9 +246,12 @@ def main() -> None:
     parser.add_argument("--no-envoy", action="store_true", help="sidecar targets only")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians)")
     parser.add_argument("--no-uvloop", action="store_true", help="sidecar on asyncio's loop")
+    parser.add_argument("--compare", type=Path, metavar="TREE",
+                        help="also run a sidecar from another source tree (e.g. a `git "
+                        "archive` of the previous commit), interleaved in the same rounds")
     args = parser.parse_args()
     results = run(args.seconds, args.connections, args.profile, not args.no_envoy, args.rounds,
-                  not args.no_uvloop)  # fmt: skip
+                  not args.no_uvloop, args.compare)  # fmt: skip
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
           f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}")  # fmt: skip
@@ -254,10 +260,19 @@ def main() -> None:
         print(
             f"{name:40} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['non_2xx']:8.0f}"
         )
-    bare, plugged, *envoy = (r["rps"] for r in results.values())
+    rps = {name: r["rps"] for name, r in results.items()}
+    bare, plugged = rps["sidecar (bare)"], rps["sidecar (rate-limit + auth)"]
+    envoy = rps.get("envoy 1 worker (rate-limit + auth)")
     print(f"sidecar with plugins / bare sidecar: {plugged / bare:.2f} (target >= 0.80)")
     if envoy:
-        print(f"sidecar with plugins / envoy:        {plugged / envoy[0]:.2f} (target >= 0.40)")
+        print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40)")
+    if args.compare is not None:
+        c_bare, c_plugged = rps["compare: sidecar (bare)"], rps[
+            "compare: sidecar (rate-limit + auth)"]
+        print(f"compare tree: plugins / bare {c_plugged / c_bare:.2f}"
+              + (f", plugins / envoy {c_plugged / envoy:.2f}" if envoy else ""))
+        print(f"this tree / compare tree: bare {bare / c_bare:.2f}, "
+              f"plugins {plugged / c_plugged:.2f}")
 
 
 if __name__ == "__main__":

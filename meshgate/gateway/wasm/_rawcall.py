@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -182,30 +183,39 @@ _CALL_UNCHECKED = ctypes.CFUNCTYPE(ctypes.c_void_p)(
 )
 
 
+#: The C callback type wasmtime calls, with every argument as a plain int: ctypes then
+#: builds no pointer objects on entry (the bindings' type makes two per host call).
+_RAW_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p, ctypes.c_size_t)
+_SLOT = ctypes.sizeof(ffi.wasmtime_val_raw_t)  # 16: each raw value is a union
+
+
 @functools.cache
 def _trampoline_factory(params: str, results: str, on_bad_memory: int) -> Any:
     """Compile, once per signature, a factory that wraps a host function in a C callback.
 
-    The argument reads are generated per signature so the hot path is one Python call with
-    plain ints and no per-argument type dispatch. A ``GuestMemoryError`` (a bad pointer from
-    the plugin) becomes the status ``on_bad_memory``; a ``WasmTrap`` from a nested call into
-    the guest or a ``HostAbort`` stops the guest with a trap; any other exception is a host
-    bug: it is logged and answered with INTERNAL_FAILURE rather than killing the plugin.
+    The raw argument array is read in one ``unpack_from`` (i32 slots as unsigned, as
+    pointers and sizes are) and the result written with one ``pack_into``, so the hot
+    path is one Python call with plain ints and no per-argument ctypes objects. A
+    ``GuestMemoryError`` (a bad pointer from the plugin) becomes the status
+    ``on_bad_memory``; a ``WasmTrap`` from a nested call into the guest or a
+    ``HostAbort`` stops the guest with a trap; any other exception is a host bug: it is
+    logged and answered with INTERNAL_FAILURE rather than killing the plugin.
     """
-    reads = ", ".join(
-        f"a[{i}].i32 & {_U32}" if t == "i" else f"a[{i}].i64" for i, t in enumerate(params)
-    )
-    call = "fn(" + reads + ")"
+    slots = max(len(params), len(results), 1)
+    layout = "<" + "".join(f"I{_SLOT - 4}x" if t == "i" else f"q{_SLOT - 8}x" for t in params)
+    call = "fn(*unpack(raw))" if params else "fn()"
     if not results:
         store, bad, internal = call, "pass", "pass"
     else:
-        field = "i32" if results == "i" else "i64"
-        store = f"a[0].{field} = {call}"
-        bad = f"a[0].{field} = {on_bad_memory}"
-        internal = f"a[0].{field} = internal_error"
+        mask = f" & {_U32}" if results == "i" else ""
+        store = f"pack(raw, 0, ({call}){mask})"
+        bad = f"pack(raw, 0, {on_bad_memory})"
+        internal = "pack(raw, 0, internal_error)"
     src = (
         "def factory(fn):\n"
         "    def trampoline(env, caller, a, n):\n"
+        f"        raw = array_type.from_address(a)\n"
         "        try:\n"
         f"            {store}\n"
         "        except GuestMemoryError:\n"
@@ -215,14 +225,16 @@ def _trampoline_factory(params: str, results: str, on_bad_memory: int) -> Any:
         "        except Exception as e:\n"
         "            log_internal(fn, e)\n"
         f"            {internal}\n"
-        "        return 0\n"
+        "        return None\n"
         "    return callback_type(trampoline)\n"
     )
     namespace: dict[str, Any] = {
         "fail": _fail, "GuestMemoryError": GuestMemoryError, "WasmTrap": WasmTrap,
         "HostAbort": HostAbort, "log_internal": _log_internal,
-        "internal_error": INTERNAL_ERROR_STATUS,
-        "callback_type": ffi.wasmtime_func_unchecked_callback_t,
+        "internal_error": INTERNAL_ERROR_STATUS, "callback_type": _RAW_CALLBACK,
+        "array_type": ctypes.c_char * (_SLOT * slots),
+        "unpack": struct.Struct(layout).unpack_from,
+        "pack": struct.Struct("<I" if results == "i" else "<q").pack_into,
     }
     exec(src, namespace)  # noqa: S102 - generated from the signature string only
     return namespace["factory"]
@@ -268,8 +280,10 @@ class HostFunctionTable:
         cb = _trampoline_factory(params, results, on_bad_memory)(fn)
         self._callbacks.append((cb, ty))
         m, n = module.encode(), name.encode()
+        # Same C signature, declared with plain ints; the bindings' prototype wants its type.
+        typed = ctypes.cast(cb, ffi.wasmtime_func_unchecked_callback_t)
         error = ffi.wasmtime_linker_define_func_unchecked(
-            self._linker.ptr(), m, len(m), n, len(n), ty.ptr(), cb, None, _NO_FINALIZER)
+            self._linker.ptr(), m, len(m), n, len(n), ty.ptr(), typed, None, _NO_FINALIZER)
         if error:
             raise wasmtime.WasmtimeError._from_ptr(error)
 
@@ -278,22 +292,30 @@ class GuestMemory:
     """Bounds-checked reads and writes of a plugin's linear memory.
 
     The engine is configured with ``memory_may_move = False`` so the base address is
-    stable for the store's life; only the size grows, and we re-read it when an access
-    falls past the size we last saw.
+    stable for the store's life; only the size grows, and we re-read it (and widen the
+    view) when an access falls past the size we last saw. Accesses go through a
+    ``memoryview`` over the memory: slicing and ``struct`` on it are cheaper than a ctypes
+    call or object per access, and a host call makes several.
     """
 
-    __slots__ = ("_ctx", "_mem", "_mem_ref", "base", "size")
+    __slots__ = ("_ctx", "_mem", "_mem_ref", "base", "size", "view")
 
     def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
         self._ctx = store._context()
         self._mem = memory._memory
         self._mem_ref = ctypes.byref(self._mem)
         self.base = ctypes.addressof(ffi.wasmtime_memory_data(self._ctx, self._mem_ref).contents)
+        self.size = 0
+        self.view = memoryview(b"")
+        self._remap()
+
+    def _remap(self) -> None:
         self.size = ffi.wasmtime_memory_data_size(self._ctx, self._mem_ref)
+        self.view = memoryview((ctypes.c_char * self.size).from_address(self.base)).cast("B")
 
     def _check(self, ptr: int, length: int) -> None:
         if ptr + length > self.size:
-            self.size = ffi.wasmtime_memory_data_size(self._ctx, self._mem_ref)
+            self._remap()
             if ptr + length > self.size:
                 raise GuestMemoryError(f"[{ptr}, {ptr + length}) outside memory of {self.size}")
 
@@ -301,23 +323,31 @@ class GuestMemory:
         if length == 0:
             return b""
         self._check(ptr, length)
-        return ctypes.string_at(self.base + ptr, length)
+        return bytes(self.view[ptr:ptr + length])
 
     def write(self, ptr: int, data: bytes) -> None:
         self._check(ptr, len(data))
-        ctypes.memmove(self.base + ptr, data, len(data))
+        self.view[ptr:ptr + len(data)] = data
 
     def read_u32(self, ptr: int) -> int:
         self._check(ptr, 4)
-        return ctypes.c_uint32.from_address(self.base + ptr).value
+        return _U32_AT.unpack_from(self.view, ptr)[0]  # type: ignore[no-any-return]
 
     def write_u32(self, ptr: int, value: int) -> None:
         self._check(ptr, 4)
-        ctypes.c_uint32.from_address(self.base + ptr).value = value & _U32
+        _U32_AT.pack_into(self.view, ptr, value & _U32)
 
     def write_u64(self, ptr: int, value: int) -> None:
         self._check(ptr, 8)
-        ctypes.c_uint64.from_address(self.base + ptr).value = value & 0xFFFFFFFFFFFFFFFF
+        _U64_AT.pack_into(self.view, ptr, value & 0xFFFFFFFFFFFFFFFF)
+
+    def check(self, ptr: int, length: int) -> None:
+        """Raise ``GuestMemoryError`` unless ``[ptr, ptr + length)`` is in memory."""
+        self._check(ptr, length)
+
+
+_U32_AT = struct.Struct("<I")
+_U64_AT = struct.Struct("<Q")
 
 
 #: ``(context, ticks)``: arm the store's epoch deadline; the raw C entry, because the

@@ -111,16 +111,19 @@ class PluginVM:
     def copy_out(self, data: bytes, ptr_ptr: int, size_ptr: int) -> None:
         """Hand ``data`` to the plugin: allocate in its memory, copy, write pointer and size.
 
-        Empty data writes ``(0, 0)`` without allocating, as cpp-host does.
+        Empty data writes ``(0, 0)`` without allocating, as cpp-host does. The return
+        slots are bounds-checked before allocating (a bad pointer leaks nothing) and
+        written once; if allocation fails they read ``(0, 0)``.
         """
+        mem = self.mem
         if not data:
-            self.mem.write_u32(ptr_ptr, 0)
-            self.mem.write_u32(size_ptr, 0)
+            mem.write_u32(ptr_ptr, 0)
+            mem.write_u32(size_ptr, 0)
             return
-        # Check the return slots before allocating so a bad pointer leaks nothing.
-        self.mem.write_u32(ptr_ptr, 0)
-        self.mem.write_u32(size_ptr, 0)
+        mem.check(ptr_ptr, 4)
+        mem.check(size_ptr, 4)
         if self._alloc is None:
+            self._no_result(ptr_ptr, size_ptr)
             raise GuestMemoryError("plugin exports no malloc/proxy_on_memory_allocate")
         if self.depth == 0:
             self._arm_deadline()
@@ -130,7 +133,12 @@ class PluginVM:
         finally:
             self.depth -= 1
         if ptr == 0:
+            self._no_result(ptr_ptr, size_ptr)
             raise GuestMemoryError(f"plugin allocator returned NULL for {len(data)} bytes")
-        self.mem.write(ptr, data)
-        self.mem.write_u32(ptr_ptr, ptr)
-        self.mem.write_u32(size_ptr, len(data))
+        mem.write(ptr, data)
+        mem.write_u32(ptr_ptr, ptr)
+        mem.write_u32(size_ptr, len(data))
+
+    def _no_result(self, ptr_ptr: int, size_ptr: int) -> None:
+        self.mem.write_u32(ptr_ptr, 0)
+        self.mem.write_u32(size_ptr, 0)
