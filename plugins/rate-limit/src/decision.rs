@@ -144,7 +144,6 @@ mod tests {
         let c = parse(CONF.as_bytes()).unwrap();
         let store = MemStore::default();
         let t = SlotTable::new("t", 64);
-        t.initialise(&store);
         let alice = Req("/api/x", HashMap::from([("x-meshgate-sub", "alice")]));
         let v1 = decide(&c, &t, &store, &alice, 0);
         assert!(v1.allowed);
@@ -176,7 +175,6 @@ mod tests {
         let c = parse(br#"{"rules":[{"name":"a","match":{"path_prefix":"/a"},"rate":{"tokens":1}}]}"#).unwrap();
         let store = MemStore::default();
         let t = SlotTable::new("t", 8);
-        t.initialise(&store);
         let v = decide(&c, &t, &store, &Req("/b", HashMap::new()), 0);
         assert_eq!(v, Verdict { allowed: true, quota: None, rules: vec![] });
     }
@@ -191,7 +189,6 @@ mod tests {
             let c = parse(conf.as_bytes()).unwrap();
             let store = MemStore::default();
             let t = SlotTable::new("t", 1);
-            t.initialise(&store);
             assert!(decide(&c, &t, &store, &Req("/", HashMap::from([("k", "1")])), 0).allowed);
             let v = decide(&c, &t, &store, &Req("/", HashMap::from([("k", "2")])), 0);
             assert_eq!(v.allowed, allowed, "{mode}");

@@ -8,6 +8,7 @@ use crate::table::{CasMismatch, SharedStore, SlotTable};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+use std::cell::{OnceCell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -113,16 +114,16 @@ impl RootContext for RateLimitRoot {
             .and_then(|b| String::from_utf8(b).ok())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "default".into());
+        // The table needs no setup: a slot key never written reads as a free slot
+        // (decision 0600), so a plugin push costs no shared-data writes here.
         let table = SlotTable::new(&namespace, config.table_size);
-        let written = table.initialise(&HostSharedData);
         log(
             LogLevel::Info,
             &format!(
-                "rate-limit: configured {} rule(s), table '{}' of {} slots ({} initialised here)",
+                "rate-limit: configured {} rule(s), table '{}' of {} slots",
                 config.rules.len(),
                 namespace,
-                table.size(),
-                written
+                table.size()
             ),
         );
         let _ = hostcalls::set_tick_period(Duration::from_secs(config.tick_seconds));
@@ -158,20 +159,39 @@ struct RateLimitStream {
     limited: bool,
 }
 
-struct HostRequest;
+/// The request as the rules see it. Each fact is read from the host at most once per
+/// request: several rules (or a rule's match and its descriptors) often ask for the same
+/// path or header, and every read is a host crossing plus a copy into the plugin.
+#[derive(Default)]
+struct HostRequest {
+    path: OnceCell<Option<String>>,
+    source_address: OnceCell<Option<String>>,
+    headers: RefCell<Vec<(String, Option<String>)>>,
+}
 
 impl RequestFacts for HostRequest {
     fn path(&self) -> Option<String> {
-        hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, ":path").ok().flatten()
+        self.path
+            .get_or_init(|| hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, ":path").ok().flatten())
+            .clone()
     }
     fn header(&self, name: &str) -> Option<String> {
-        hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name).ok().flatten()
+        if let Some((_, v)) = self.headers.borrow().iter().find(|(n, _)| n == name) {
+            return v.clone();
+        }
+        let v = hostcalls::get_map_value(proxy_wasm::types::MapType::HttpRequestHeaders, name).ok().flatten();
+        self.headers.borrow_mut().push((name.to_string(), v.clone()));
+        v
     }
     fn source_address(&self) -> Option<String> {
-        hostcalls::get_property(vec!["source", "address"])
-            .ok()
-            .flatten()
-            .and_then(|b| String::from_utf8(b).ok())
+        self.source_address
+            .get_or_init(|| {
+                hostcalls::get_property(vec!["source", "address"])
+                    .ok()
+                    .flatten()
+                    .and_then(|b| String::from_utf8(b).ok())
+            })
+            .clone()
     }
 }
 
@@ -180,7 +200,7 @@ impl Context for RateLimitStream {}
 impl HttpContext for RateLimitStream {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         let s = &self.shared;
-        let verdict = decide(&s.config, &s.table, &HostSharedData, &HostRequest, now_ns());
+        let verdict = decide(&s.config, &s.table, &HostSharedData, &HostRequest::default(), now_ns());
         for r in &verdict.rules {
             let (a, l) = s.metrics.per_rule[r.rule_index];
             bump(if r.allowed { a } else { l });
