@@ -9,6 +9,8 @@ other tests; this module only checks that the two planes agree on a sample of it
 
 from __future__ import annotations
 
+import http.client
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -110,6 +112,39 @@ def test_api_key_accepted(planes: ConformancePlanes, material: Material) -> None
                  Request("/api/x", headers={"x-api-key": ApiKey("ci-bot")}))
     assert reply.status == 200
     assert reply.json()["headers"]["x-meshgate-sub"] == "ci-bot"
+
+
+def _upstream_saw(base_url: str, path: str, headers: list[tuple[str, str]]) -> dict[str, str]:
+    """Send `headers` as given, repeated names included (a dict cannot repeat a name)."""
+    host, _, port = base_url[len("http://"):].partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=15)
+    try:
+        conn.putrequest("GET", path)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders()
+        reply = conn.getresponse()
+        assert reply.status == 200, reply.read()[:300]
+        seen: dict[str, str] = json.loads(reply.read())["headers"]
+        return seen
+    finally:
+        conn.close()
+
+
+def test_a_client_cannot_slip_forwarded_claims_past_auth_by_repeating_them(
+        planes: ConformancePlanes, material: Material) -> None:
+    """auth writes each forwarded-claim header once (decision 0600), so that one write
+    must drop every copy the client sent, in both planes. Older Envoys replaced only the
+    first copy of a repeated header; the upstream echo keeps the last value of a repeated
+    name, so a later spoofed copy surviving the write would show here."""
+    token = str(material.resolve(Bearer(Jwt())))
+    headers = [("authorization", token), ("x-meshgate-sub", "mallory"),
+               ("x-meshgate-roles", "admin"), ("x-meshgate-sub", "mallory-again"),
+               ("x-meshgate-roles", "root")]
+    for plane, base in (("envoy", planes.envoy_url("jwt")), ("sidecar", planes.sidecar_url("jwt"))):
+        seen = _upstream_saw(base, "/api/x", headers)
+        assert seen.get("x-meshgate-sub") == "alice", (plane, seen)
+        assert "x-meshgate-roles" not in seen, (plane, seen)
 
 
 # -- auth with an OPA callout -----------------------------------------------------------

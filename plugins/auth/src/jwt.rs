@@ -64,6 +64,13 @@ fn numeric(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, JwtEr
 
 /// Verify `token` against `keys` at `now` (seconds since the epoch); the claims if valid.
 pub fn verify(token: &str, keys: &[Jwk], policy: &Policy, now: u64) -> Result<Map<String, Value>, JwtError> {
+    verify_in(token, &[keys], policy, now)
+}
+
+/// `verify` against several key sets at once (the configuration's inline keys and the
+/// fetched JWKS), so a request need not copy the keys into one list.
+pub fn verify_in(token: &str, key_sets: &[&[Jwk]], policy: &Policy, now: u64) -> Result<Map<String, Value>, JwtError> {
+    let keys = || key_sets.iter().flat_map(|set| set.iter());
     if token.len() > policy.max_token_bytes {
         return fail(format!("token larger than {} bytes", policy.max_token_bytes));
     }
@@ -85,7 +92,7 @@ pub fn verify(token: &str, keys: &[Jwk], policy: &Policy, now: u64) -> Result<Ma
     }
     let candidates: Vec<&Jwk> = match header.get("kid") {
         Some(Value::String(kid)) => {
-            let by_kid: Vec<&Jwk> = keys.iter().filter(|k| k.kid.as_deref() == Some(kid)).collect();
+            let by_kid: Vec<&Jwk> = keys().filter(|k| k.kid.as_deref() == Some(kid)).collect();
             if by_kid.is_empty() {
                 return fail(format!("unknown kid {kid:?}"));
             }
@@ -96,7 +103,7 @@ pub fn verify(token: &str, keys: &[Jwk], policy: &Policy, now: u64) -> Result<Ma
             fitting
         }
         Some(_) => return fail("malformed token: kid is not a string"),
-        None => keys.iter().filter(|k| k.accepts(alg)).collect(),
+        None => keys().filter(|k| k.accepts(alg)).collect(),
     };
     if candidates.is_empty() {
         return fail(format!("no key can verify {alg_name}"));

@@ -2,6 +2,7 @@
 //! decision, which a policy gives as a boolean or as an object.
 
 use serde_json::{json, Map, Value};
+use std::borrow::Cow;
 
 /// What the request looked like, for the input document.
 pub struct RequestView<'a> {
@@ -31,6 +32,15 @@ impl Identity {
         match self {
             Identity::Jwt(c) => c.clone(),
             Identity::ApiKey(id) => Map::from_iter([("sub".to_string(), Value::String(id.clone()))]),
+        }
+    }
+
+    /// One claim to forward (an API key's id stands in as `sub`), without copying the
+    /// rest of the claims.
+    pub fn claim(&self, name: &str) -> Option<Cow<'_, Value>> {
+        match self {
+            Identity::Jwt(c) => c.get(name).map(Cow::Borrowed),
+            Identity::ApiKey(id) => (name == "sub").then(|| Cow::Owned(Value::String(id.clone()))),
         }
     }
 
@@ -179,6 +189,16 @@ pub fn parse_decision(body: &[u8]) -> Result<Decision, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_claims_are_the_verified_ones_and_an_api_key_is_sub() {
+        let jwt = Identity::Jwt(Map::from_iter([("sub".to_string(), json!("alice")), ("roles".to_string(), json!(["a"]))]));
+        assert_eq!(jwt.claim("roles").as_deref(), Some(&json!(["a"])));
+        assert_eq!(jwt.claim("email"), None);
+        let key = Identity::ApiKey("ci-bot".into());
+        assert_eq!(key.claim("sub").as_deref(), Some(&json!("ci-bot")));
+        assert_eq!(key.claim("roles"), None);
+    }
 
     #[test]
     fn input_follows_opa_envoy_shape() {

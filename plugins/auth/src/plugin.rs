@@ -7,7 +7,7 @@ use crate::config::{self, Config, Upstream};
 use crate::jwk::{parse_jwks, Jwk};
 use crate::jwt;
 use crate::opa::{input_document, parse_decision, Decision, Identity, RequestView};
-use meshgate_tracing::{SpanKind, SpanRecord, SpanStatus, Tracer};
+use meshgate_tracing::{HostFunctions, SpanKind, SpanRecord, SpanStatus, Tracer};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
@@ -57,6 +57,8 @@ struct Metrics {
 struct Shared {
     config: Config,
     metrics: Metrics,
+    /// One tracer for the VM's life: it remembers a host without `wasi:tracing`.
+    tracer: Tracer<HostFunctions>,
 }
 
 /// The JWKS fetched from `jwks_uri`, mirrored from shared data
@@ -190,7 +192,7 @@ impl RootContext for AuthRoot {
                 config.opa.as_ref().map_or("off".to_string(), |o| o.upstream.path.clone())
             ),
         );
-        self.shared = Some(Rc::new(Shared { config, metrics }));
+        self.shared = Some(Rc::new(Shared { config, metrics, tracer: Tracer::host() }));
         true
     }
 
@@ -220,6 +222,8 @@ impl RootContext for AuthRoot {
             start_ns: 0,
             pending: Pending::Nothing,
             method: "none",
+            authorization_sent: None,
+            api_key_sent: None,
         }))
     }
 
@@ -247,6 +251,10 @@ struct AuthStream {
     start_ns: u64,
     pending: Pending,
     method: &'static str,
+    /// Whether the request carried these headers (`None`: not looked at), so that
+    /// `remove_credentials` removes only what is there.
+    authorization_sent: Option<bool>,
+    api_key_sent: Option<bool>,
 }
 
 fn request_header(name: &str) -> Option<String> {
@@ -276,12 +284,16 @@ fn quoted(s: &str) -> String {
 
 impl AuthStream {
     fn tracer_finish(&self, outcome: &str, status: u32) {
+        let tracer = &self.shared.tracer;
+        if !tracer.available() {
+            return;
+        }
         let span = SpanRecord::new("meshgate.auth", SpanKind::Internal, self.start_ns, now_ns())
             .attribute("auth.method", self.method)
             .attribute("auth.outcome", outcome)
             .attribute("http.response.status_code", status as i64)
             .status(if status < 400 { SpanStatus::Ok } else { SpanStatus::Error(outcome.to_string()) });
-        let _ = Tracer::host().record_span(&span);
+        let _ = tracer.record_span(&span);
     }
 
     fn respond(&self, status: u32, headers: Vec<(String, String)>, body: String, outcome: &str) -> Next {
@@ -317,12 +329,17 @@ impl AuthStream {
 
     /// Step 1: find and check the credentials.
     fn authenticate(&mut self) -> Next {
-        let c = &self.shared.config;
-        // Headers this plugin vouches for must never come from the client.
-        for (_, header) in &c.forward_claims {
-            set_request_header(header, None);
+        let shared = self.shared.clone();
+        let c = &shared.config;
+        // Headers this plugin vouches for must never come from the client: `allow` sets
+        // or removes every one of them before the request goes upstream (one host call
+        // each, instead of a removal here and a second write there), and the OPA input
+        // leaves them out. A refused request never reaches the upstream.
+        // Without JWT the Authorization header plays no part: no need to read it.
+        let authorization = if c.jwt.is_some() { request_header("authorization") } else { None };
+        if c.jwt.is_some() {
+            self.authorization_sent = Some(authorization.is_some());
         }
-        let authorization = request_header("authorization");
         if let (Some(_), Some(value)) = (&c.jwt, &authorization) {
             self.method = "jwt";
             let token = match value.split_once(' ') {
@@ -332,7 +349,9 @@ impl AuthStream {
             return self.verify_jwt(token);
         }
         if let Some(ak) = &c.api_keys {
-            if let Some(presented) = request_header(&ak.header) {
+            let presented = request_header(&ak.header);
+            self.api_key_sent = Some(presented.is_some());
+            if let Some(presented) = presented {
                 self.method = "api_key";
                 return match apikey::identify(&ak.keys, &presented) {
                     Some(id) => self.authorize(Identity::ApiKey(id.to_string())),
@@ -344,9 +363,14 @@ impl AuthStream {
     }
 
     fn verify_jwt(&mut self, token: String) -> Next {
-        let jwt_cfg = self.shared.config.jwt.as_ref().expect("checked by the caller");
+        let shared = self.shared.clone();
+        let jwt_cfg = shared.config.jwt.as_ref().expect("checked by the caller");
         let mut cache = self.keys.borrow_mut();
-        cache.sync();
+        // Only a fetched JWKS lives in shared data; with inline keys alone there is
+        // nothing to look up.
+        if jwt_cfg.jwks_uri.is_some() {
+            cache.sync();
+        }
         if jwt_cfg.inline_keys.is_empty() && cache.keys.is_empty() {
             let up = jwt_cfg.jwks_uri.as_ref().expect("config requires keys or a jwks_uri");
             drop(cache);
@@ -361,10 +385,10 @@ impl AuthStream {
                 }
             };
         }
-        let keys: Vec<Jwk> = jwt_cfg.inline_keys.iter().chain(cache.keys.iter()).cloned().collect();
-        drop(cache);
         let now = now_ns() / 1_000_000_000;
-        match jwt::verify(&token, &keys, &jwt_cfg.policy, now) {
+        let verified = jwt::verify_in(&token, &[&jwt_cfg.inline_keys, &cache.keys], &jwt_cfg.policy, now);
+        drop(cache);
+        match verified {
             Ok(claims) => self.authorize(Identity::Jwt(claims)),
             Err(e) => self.unauthenticated(&e.reason, true),
         }
@@ -373,13 +397,16 @@ impl AuthStream {
     /// Step 2: ask OPA, if configured.
     fn authorize(&mut self, identity: Identity) -> Next {
         let Some(opa) = &self.shared.config.opa else { return self.allow(&identity, &[]) };
-        let headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
+        let mut headers: Vec<(String, String)> = hostcalls::get_map(MapType::HttpRequestHeaders).unwrap_or_default();
+        // What the upstream will get: never the client's own forwarded-claim headers.
+        let forwarded = &self.shared.config.forward_claims;
+        headers.retain(|(k, _)| !forwarded.iter().any(|(_, h)| k.eq_ignore_ascii_case(h)));
         let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default();
         let (method, path, host) = (find(":method"), find(":path"), find(":authority"));
         let view = RequestView { method: &method, path: &path, host: &host, headers: &headers };
         let body = input_document(&view, &identity).to_string();
         let mut extra = vec![("content-type", "application/json".to_string())];
-        if let Some(parent) = Tracer::host().get_parent_span() {
+        if let Some(parent) = self.shared.tracer.get_parent_span() {
             extra.push(("traceparent", parent.traceparent()));
         }
         match get_request(&opa.upstream, "POST", &extra, Some(body.as_bytes())) {
@@ -413,9 +440,9 @@ impl AuthStream {
     /// Step 3: forward the verified identity upstream.
     fn allow(&self, identity: &Identity, extra: &[(String, String)]) -> Next {
         let c = &self.shared.config;
-        let claims = identity.claims();
+        // Replacing a header drops every value the client sent under that name too.
         for (claim, header) in &c.forward_claims {
-            match claims.get(claim).and_then(claim_header_value) {
+            match identity.claim(claim).as_deref().and_then(claim_header_value) {
                 Some(v) => set_request_header(header, Some(&v)),
                 None => set_request_header(header, None),
             }
@@ -424,9 +451,13 @@ impl AuthStream {
             set_request_header(k, Some(v));
         }
         if c.remove_credentials {
-            set_request_header("authorization", None);
+            if self.authorization_sent != Some(false) {
+                set_request_header("authorization", None);
+            }
             if let Some(ak) = &c.api_keys {
-                set_request_header(&ak.header, None);
+                if self.api_key_sent != Some(false) {
+                    set_request_header(&ak.header, None);
+                }
             }
         }
         bump(self.shared.metrics.allowed);
@@ -475,7 +506,10 @@ impl Context for AuthStream {
 
 impl HttpContext for AuthStream {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        self.start_ns = now_ns();
+        // The start time only serves the span; where there is no tracing, skip the call.
+        if self.shared.tracer.available() {
+            self.start_ns = now_ns();
+        }
         match self.authenticate() {
             Next::Continue => Action::Continue,
             Next::Paused | Next::Responded => Action::Pause,

@@ -15,15 +15,25 @@
 //! tracer.record_span(&span);
 //! ```
 
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
+use std::cell::Cell;
 
 pub const GET_PARENT_SPAN: &str = "wasi:tracing/get-parent-span";
 pub const RECORD_SPAN: &str = "wasi:tracing/record-span";
 pub const ADD_EVENT: &str = "wasi:tracing/add-event";
 
-/// How a foreign function is called; `Err(())` covers NotFound and every other failure.
+/// Why a foreign function call gave no result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallError {
+    /// The host has no function of that name (Envoy's answer to `wasi:tracing/*`).
+    NotFound,
+    /// The host has it, but the call failed.
+    Failed,
+}
+
+/// How a foreign function is called.
 pub trait ForeignFunctions {
-    fn call(&self, name: &str, args: &[u8]) -> Result<Vec<u8>, ()>;
+    fn call(&self, name: &str, args: &[u8]) -> Result<Vec<u8>, CallError>;
 }
 
 /// The request's current span, as the host reports it.
@@ -127,57 +137,139 @@ impl SpanRecord {
         self
     }
 
-    /// The JSON argument of `wasi:tracing/record-span`.
+    /// The JSON argument of `wasi:tracing/record-span`. Written straight into bytes: a
+    /// plugin records a span per request, and building a `Value` tree first cost more
+    /// than the writing.
     pub fn encode(&self) -> Vec<u8> {
         let (code, message) = match &self.status {
             SpanStatus::Unset => ("unset", ""),
             SpanStatus::Ok => ("ok", ""),
             SpanStatus::Error(m) => ("error", m.as_str()),
         };
-        json!({
-            "name": self.name,
-            "kind": self.kind.as_str(),
-            "start_unix_nanos": self.start_unix_nanos,
-            "end_unix_nanos": self.end_unix_nanos,
-            "attributes": self.attributes,
-            "status": {"code": code, "message": message},
-        })
-        .to_string()
-        .into_bytes()
+        let mut out = Vec::with_capacity(160 + self.name.len() + 48 * self.attributes.len());
+        out.extend_from_slice(b"{\"name\":");
+        json_string(&mut out, &self.name);
+        out.extend_from_slice(b",\"kind\":\"");
+        out.extend_from_slice(self.kind.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"start_unix_nanos\":");
+        json_u64(&mut out, self.start_unix_nanos);
+        out.extend_from_slice(b",\"end_unix_nanos\":");
+        json_u64(&mut out, self.end_unix_nanos);
+        out.extend_from_slice(b",\"attributes\":");
+        json_object(&mut out, &self.attributes);
+        out.extend_from_slice(b",\"status\":{\"code\":\"");
+        out.extend_from_slice(code.as_bytes());
+        out.extend_from_slice(b"\",\"message\":");
+        json_string(&mut out, message);
+        out.extend_from_slice(b"}}");
+        out
     }
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // serde_json's escaping, without a Value in between; writing to a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn json_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn json_object(out: &mut Vec<u8>, m: &Map<String, Value>) {
+    out.push(b'{');
+    for (i, (k, v)) in m.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        json_string(out, k);
+        out.push(b':');
+        match v {
+            Value::String(s) => json_string(out, s),
+            other => {
+                let _ = serde_json::to_writer(&mut *out, other);
+            }
+        }
+    }
+    out.push(b'}');
 }
 
 /// The JSON argument of `wasi:tracing/add-event`.
 pub fn encode_event(span_id: &str, name: &str, time_unix_nanos: u64, attributes: &Map<String, Value>) -> Vec<u8> {
-    json!({"span_id": span_id, "name": name, "time_unix_nanos": time_unix_nanos, "attributes": attributes})
-        .to_string()
-        .into_bytes()
+    let mut out = Vec::with_capacity(96 + name.len() + 48 * attributes.len());
+    out.extend_from_slice(b"{\"span_id\":");
+    json_string(&mut out, span_id);
+    out.extend_from_slice(b",\"name\":");
+    json_string(&mut out, name);
+    out.extend_from_slice(b",\"time_unix_nanos\":");
+    json_u64(&mut out, time_unix_nanos);
+    out.extend_from_slice(b",\"attributes\":");
+    json_object(&mut out, attributes);
+    out.push(b'}');
+    out
 }
 
 /// The `wasi:tracing` interface over some way of calling foreign functions.
+///
+/// Keep one `Tracer` for the life of the VM: once the host has answered that it has no
+/// `record-span` (Envoy), the tracer remembers it, every later call returns at once, and
+/// `available()` tells the plugin it need not time its work for spans at all. A host's
+/// set of foreign functions does not change while a VM runs.
 pub struct Tracer<F: ForeignFunctions> {
     ffi: F,
+    absent: Cell<bool>,
 }
 
 impl<F: ForeignFunctions> Tracer<F> {
     pub fn new(ffi: F) -> Self {
-        Tracer { ffi }
+        Tracer { ffi, absent: Cell::new(false) }
     }
 
-    /// The request's current span; `None` where the host has no tracing.
+    /// False once the host has shown it has no `wasi:tracing` (until then: true).
+    pub fn available(&self) -> bool {
+        !self.absent.get()
+    }
+
+    /// The request's current span; `None` where the host has no tracing or no parent.
     pub fn get_parent_span(&self) -> Option<SpanContext> {
+        if self.absent.get() {
+            return None;
+        }
+        // NotFound here may also mean "no parent span": it does not mark tracing absent.
         SpanContext::parse(&self.ffi.call(GET_PARENT_SPAN, &[]).ok()?)
     }
 
     /// Record one finished span (a child of the request's span); its span id, if any.
     pub fn record_span(&self, span: &SpanRecord) -> Option<String> {
-        let out = self.ffi.call(RECORD_SPAN, &span.encode()).ok()?;
-        let id = String::from_utf8(out).ok()?.trim().to_string();
-        (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(id)
+        if self.absent.get() {
+            return None;
+        }
+        let out = match self.ffi.call(RECORD_SPAN, &span.encode()) {
+            Ok(out) => out,
+            Err(CallError::NotFound) => {
+                self.absent.set(true);
+                return None;
+            }
+            Err(CallError::Failed) => return None,
+        };
+        let id = std::str::from_utf8(&out).ok()?.trim();
+        (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
     }
 
     /// Add an event to a span recorded earlier; does nothing without tracing.
     pub fn add_event(&self, span_id: &str, name: &str, time_unix_nanos: u64, attributes: &Map<String, Value>) {
+        if self.absent.get() {
+            return;
+        }
         let _ = self.ffi.call(ADD_EVENT, &encode_event(span_id, name, time_unix_nanos, attributes));
     }
 }
@@ -188,11 +280,12 @@ pub struct HostFunctions;
 
 #[cfg(target_arch = "wasm32")]
 impl ForeignFunctions for HostFunctions {
-    fn call(&self, name: &str, args: &[u8]) -> Result<Vec<u8>, ()> {
+    fn call(&self, name: &str, args: &[u8]) -> Result<Vec<u8>, CallError> {
         let args = if args.is_empty() { None } else { Some(args) };
         match proxy_wasm::hostcalls::call_foreign_function(name, args) {
             Ok(out) => Ok(out.unwrap_or_default()),
-            Err(_) => Err(()),
+            Err(proxy_wasm::types::Status::NotFound) => Err(CallError::NotFound),
+            Err(_) => Err(CallError::Failed),
         }
     }
 }
@@ -207,6 +300,7 @@ impl Tracer<HostFunctions> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
     use std::cell::RefCell;
 
     /// A host with tracing: answers fixed values and remembers the arguments.
@@ -216,9 +310,10 @@ mod tests {
     }
 
     impl ForeignFunctions for &Fake {
-        fn call(&self, name: &str, args: &[u8]) -> Result<Vec<u8>, ()> {
+        fn call(&self, name: &str, args: &[u8]) -> Result<Vec<u8>, CallError> {
             if !self.enabled {
-                return Err(()); // what Envoy does: NotFound
+                self.calls.borrow_mut().push((name.to_string(), args.to_vec()));
+                return Err(CallError::NotFound); // what Envoy does
             }
             self.calls.borrow_mut().push((name.to_string(), args.to_vec()));
             Ok(match name {
@@ -261,9 +356,41 @@ mod tests {
     fn without_host_support_everything_is_quiet() {
         let fake = Fake { enabled: false, calls: RefCell::default() };
         let t = Tracer::new(&fake);
+        assert!(t.available());
         assert_eq!(t.get_parent_span(), None);
         assert_eq!(t.record_span(&SpanRecord::new("x", SpanKind::Client, 1, 2)), None);
         t.add_event("b7ad6b7169203331", "e", 3, &Map::new());
+    }
+
+    #[test]
+    fn a_host_without_record_span_is_asked_only_once() {
+        let fake = Fake { enabled: false, calls: RefCell::default() };
+        let t = Tracer::new(&fake);
+        assert_eq!(t.record_span(&SpanRecord::new("x", SpanKind::Internal, 1, 2)), None);
+        assert!(!t.available());
+        assert_eq!(t.record_span(&SpanRecord::new("x", SpanKind::Internal, 3, 4)), None);
+        assert_eq!(t.get_parent_span(), None);
+        assert_eq!(fake.calls.borrow().len(), 1);
+    }
+
+    #[test]
+    fn encoded_span_is_the_documented_json_with_escaping() {
+        let span = SpanRecord::new("a\"b\\c\n", SpanKind::Server, 0, u64::MAX)
+            .attribute("s", "x\u{1}y")
+            .attribute("i", -3)
+            .attribute("f", 1.5)
+            .attribute("b", true)
+            .status(SpanStatus::Ok);
+        let v: Value = serde_json::from_slice(&span.encode()).unwrap();
+        assert_eq!(
+            v,
+            json!({"name": "a\"b\\c\n", "kind": "server", "start_unix_nanos": 0u64,
+                   "end_unix_nanos": u64::MAX,
+                   "attributes": {"s": "x\u{1}y", "i": -3, "f": 1.5, "b": true},
+                   "status": {"code": "ok", "message": ""}})
+        );
+        let e: Value = serde_json::from_slice(&encode_event("b7ad6b7169203331", "ev", 7, &Map::new())).unwrap();
+        assert_eq!(e, json!({"span_id": "b7ad6b7169203331", "name": "ev", "time_unix_nanos": 7, "attributes": {}}));
     }
 
     #[test]
