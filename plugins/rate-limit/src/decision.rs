@@ -37,14 +37,14 @@ impl Quota {
         h
     }
 
-    /// The short JSON body of a 429.
+    /// The short JSON body of a 429. Written by hand: rule names are validated to
+    /// `A-Z a-z 0-9 - _` (config.rs), so nothing needs escaping, and the plugin then
+    /// carries no JSON serialiser at all (smaller binary, faster plugin push).
     pub fn body(&self) -> String {
-        serde_json::json!({
-            "error": "rate_limited",
-            "rule": self.rule,
-            "retry_after_seconds": self.retry_after_seconds,
-        })
-        .to_string()
+        format!(
+            "{{\"error\":\"rate_limited\",\"rule\":\"{}\",\"retry_after_seconds\":{}}}",
+            self.rule, self.retry_after_seconds
+        )
     }
 }
 
@@ -200,7 +200,6 @@ mod tests {
     fn body_is_short_json() {
         let q = Quota { rule: "r".into(), limit: 1, remaining: 0, reset_seconds: 3, retry_after_seconds: 2 };
         let v: serde_json::Value = serde_json::from_str(&q.body()).unwrap();
-        assert_eq!(v["error"], "rate_limited");
-        assert_eq!(v["retry_after_seconds"], 2);
+        assert_eq!(v, serde_json::json!({"error": "rate_limited", "rule": "r", "retry_after_seconds": 2}));
     }
 }

@@ -330,13 +330,16 @@ pub mod tests {
         assert_eq!(slot_keys(&store), 16);
     }
 
-    /// A store that lets "another worker" run a whole request in the middle of this one:
+    /// What "another worker" does in the middle of this one's request.
+    type OtherWorker<'a> = Box<dyn FnOnce(&MemStore) + 'a>;
+
+    /// A store that lets another worker run a whole request in the middle of this one:
     /// after the `nth` read of `key`, before the value is handed back.
     struct Interleaved<'a> {
         inner: &'a MemStore,
         key: String,
         nth: RefCell<u32>,
-        other: RefCell<Option<Box<dyn FnOnce(&MemStore) + 'a>>>,
+        other: RefCell<Option<OtherWorker<'a>>>,
     }
 
     impl SharedStore for Interleaved<'_> {
