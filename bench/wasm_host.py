@@ -8,6 +8,13 @@ Prints µs figures and ratios against baselines measured in the same run:
 - rate-limit + auth (if built, ``bash plugins/build.sh build/plugins``) per request;
 - plugin start with an empty module cache (compile) vs a warm one (deserialise), and the
   first request after a cached start (the "plugin push" path).
+
+``--baseline DIR`` compares another build of the two plugins (e.g. the previous commit's,
+``git stash; bash plugins/build.sh /tmp/base; git stash pop``) with ``--plugins`` in the
+same run: rounds alternate between the two, and medians of the rounds are printed.
+
+The ``wasi:tracing`` foreign functions are registered as the sidecar registers them
+(``--no-tracing``: as in Envoy, where the plugins find none).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +31,7 @@ from pathlib import Path
 import wasmtime
 
 from meshgate.gateway.wasm import HeaderMap, HostServices, PluginHost, PluginSpec, StreamInfo
+from meshgate.otel import WasiTracing
 
 NOOP = """
 (module
@@ -124,7 +133,7 @@ async def start_times(spec: PluginSpec, cache_dir: Path) -> tuple[float, float, 
     compiled). Cached: a plugin push to a running sidecar whose module is in the disk
     cache (deserialised from disk, instantiated, configured).
     """
-    services = HostServices(module_cache_dir=cache_dir)
+    services = new_services(True, cache_dir)
     t0 = time.perf_counter()
     host = await PluginHost.create(spec, services)
     cold = (time.perf_counter() - t0) * 1e3
@@ -139,14 +148,88 @@ async def start_times(spec: PluginSpec, cache_dir: Path) -> tuple[float, float, 
     return cold, cached, first
 
 
+def new_services(tracing: bool, cache_dir: Path | None = None) -> HostServices:
+    services = HostServices(module_cache_dir=cache_dir)
+    if tracing:
+        services.foreign_functions.update(WasiTracing().functions())
+    return services
+
+
+async def push_ms(spec: PluginSpec, services: HostServices) -> float:
+    """A plugin push whose module is in the disk cache, up to its first request's end."""
+    t0 = time.perf_counter()
+    host = await PluginHost.create(spec, services)
+    await one_request([host])
+    ms = (time.perf_counter() - t0) * 1e3
+    await host.close()
+    return ms
+
+
+async def compare(args: argparse.Namespace) -> None:
+    """Baseline vs candidate plugins, alternating rounds in one process."""
+    sets = {"baseline": rate_limit_and_auth(args.baseline),
+            "candidate": rate_limit_and_auth(args.plugins)}
+    if any(v is None for v in sets.values()):
+        raise SystemExit(f"need rate_limit.wasm and auth.wasm in {args.baseline} and "
+                         f"{args.plugins}")
+    services = new_services(not args.no_tracing)
+    hosts = {k: [await PluginHost.create(s, services) for s in v]  # type: ignore[union-attr]
+             for k, v in sets.items()}
+    caches = {k: tempfile.TemporaryDirectory() for k in sets}
+    push_services = {k: new_services(not args.no_tracing, Path(caches[k].name)) for k in sets}
+    for k, specs in sets.items():
+        for spec in specs:  # type: ignore[union-attr]
+            await push_ms(spec, push_services[k])  # compiles into the cache
+    per_req: dict[tuple[str, str], list[float]] = {}
+    push: dict[tuple[str, str], list[float]] = {}
+    for _ in range(args.rounds):
+        for k in sets:
+            rl, auth = hosts[k]
+            for label, group in (("rate-limit + auth", [rl, auth]), ("rate-limit", [rl]),
+                                 ("auth", [auth])):
+                per_req.setdefault((label, k), []).append(await per_request_us(group, args.n))
+            for spec in sets[k]:  # type: ignore[union-attr]
+                push.setdefault((spec.name, k), []).extend(
+                    [await push_ms(spec, push_services[k]) for _ in range(5)])
+    print(f"per request, µs (median of {args.rounds} rounds of {args.n}; "
+          f"tracing {'off' if args.no_tracing else 'on'})")
+    for label in ("rate-limit + auth", "rate-limit", "auth"):
+        b = statistics.median(per_req[(label, "baseline")])
+        c = statistics.median(per_req[(label, "candidate")])
+        bmin = min(per_req[(label, "baseline")])
+        cmin = min(per_req[(label, "candidate")])
+        print(f"  {label:18s} baseline {b:7.1f} (min {bmin:6.1f})  candidate {c:7.1f}"
+              f" (min {cmin:6.1f})  candidate/baseline {c / b:5.2f} (min {cmin / bmin:5.2f})")
+    print("plugin push (cached module) to end of first request, ms (median; min)")
+    for name in ("rate_limit", "auth"):
+        b, c = push[(name, "baseline")], push[(name, "candidate")]
+        print(f"  {name:18s} baseline {statistics.median(b):5.2f} ({min(b):4.2f})"
+              f"  candidate {statistics.median(c):5.2f} ({min(c):4.2f})"
+              f"  candidate/baseline {statistics.median(c) / statistics.median(b):5.2f}")
+    for k in sets:
+        for h in hosts[k]:
+            await h.close()
+        push_services[k].close()
+        caches[k].cleanup()
+    services.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--plugins", type=Path, default=Path("build/plugins"))
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another build of the plugins to compare in the same run")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-tracing", action="store_true",
+                        help="no wasi:tracing functions (as in Envoy)")
     parser.add_argument("-n", type=int, default=3000)
     args = parser.parse_args()
+    if args.baseline is not None:
+        await compare(args)
+        return
     n = args.n
 
-    services = HostServices()
+    services = new_services(not args.no_tracing)
     noop = await PluginHost.create(PluginSpec("noop", bytes(wasmtime.wat2wasm(NOOP))), services)
     bare = await bare_request_us(n)
     host_noop = await per_request_us([noop], n)
