@@ -31,6 +31,7 @@ from pathlib import Path
 import wasmtime
 
 from meshgate.gateway.wasm import HeaderMap, HostServices, PluginHost, PluginSpec, StreamInfo
+from meshgate.gateway.wasm.shared import SharedDataStore
 from meshgate.otel import WasiTracing
 
 NOOP = """
@@ -156,7 +157,12 @@ def new_services(tracing: bool, cache_dir: Path | None = None) -> HostServices:
 
 
 async def push_ms(spec: PluginSpec, services: HostServices) -> float:
-    """A plugin push whose module is in the disk cache, up to its first request's end."""
+    """A plugin push whose module is in the disk cache, up to its first request's end.
+
+    The plugin is new to the process: its shared data starts empty, as for a first push
+    (what the rate limiter once set up at configure time, decision 0101, shows here).
+    """
+    services.shared_data = SharedDataStore()
     t0 = time.perf_counter()
     host = await PluginHost.create(spec, services)
     await one_request([host])
