@@ -54,6 +54,8 @@ lint: venv
 	$(VENV)/bin/ruff check meshgate tests bench
 
 bench: setup
+	@command -v wrk >/dev/null || { echo "==> Installing wrk (Debian) for the data-plane benchmark"; \
+		apt-get update -qq && apt-get install -y -qq wrk; }
 	bash bench/run_all.sh
 
 clean:

@@ -3,7 +3,9 @@
 # in the same run. Not part of `make test`: they take minutes and want a quiet machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for bench in bench/*_bench.py; do
-  echo "==> $bench"
-  .venv/bin/python "$bench"
-done
+export PYTHONPATH=.
+run() { echo "==> $*"; .venv/bin/python "$@"; }
+run bench/xds_bench.py
+run bench/wasm_callpath.py
+run bench/wasm_host.py --plugins build/plugins
+run bench/sidecar_bench.py --seconds 5 --rounds 3
