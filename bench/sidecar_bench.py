@@ -134,6 +134,7 @@ def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
         capture_output=True, text=True, timeout=seconds + 60, check=True,
     ).stdout  # fmt: skip
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
 
     def pct(p: str) -> float:
@@ -141,7 +142,14 @@ def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
-            "non_2xx": float(errors.group(1)) if errors else 0.0}  # fmt: skip
+            "non_2xx": float(errors.group(1)) if errors else 0.0, "requests": total}  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (Linux /proc), to divide by requests:
+    on 2 shared cores req/s alone cannot tell the sidecar's cost from its neighbours'."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(
@@ -194,18 +202,19 @@ def run(
                 tmp / "cs.log",
             )
         )
-        def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str) -> None:
-            stack.enter_context(process(
+        def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str) -> int:
+            return stack.enter_context(process(
                 [PY, *(["-m", "cProfile", "-o", str(prof)] if prof else []),
                  "-m", "meshgate.gateway.app", "--xds", f"127.0.0.1:{ports['xds']}",
                  "--node-id", f"{cluster}-bench", "--node-cluster", cluster,
                  "--admin-port", str(admin), "--log-level", "WARNING",
                  *([] if uvloop else ["--no-uvloop"])],
-                tmp / log, tree))  # fmt: skip
+                tmp / log, tree)).pid  # fmt: skip
 
-        sidecar("meshgate-sidecar", ports["admin"], REPO, profile, "sidecar.log")
+        main_pid = sidecar("meshgate-sidecar", ports["admin"], REPO, profile, "sidecar.log")
+        cmp_pid = 0
         if compare is not None:
-            sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log")
+            cmp_pid = sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log")
         stack.enter_context(process(
             [find_envoy(), "-c", str(tmp / "envoy.json"), "--concurrency", "1", "-l", "error",
              "--use-dynamic-base-id"], tmp / "envoy.log"))  # fmt: skip
@@ -229,7 +238,13 @@ def run(
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for _ in range(rounds):
             for name, url in targets.items():
-                runs[name].append(wrk(url, seconds, connections))
+                pid = cmp_pid if name.startswith("compare") else main_pid
+                cpu0 = cpu_seconds(pid) if "sidecar" in name else 0.0
+                r = wrk(url, seconds, connections)
+                # The sidecar process's CPU per request (all its threads), in µs.
+                r["cpu_us"] = ((cpu_seconds(pid) - cpu0) / r["requests"] * 1e6
+                               if "sidecar" in name else float("nan"))
+                runs[name].append(r)
         results = {
             name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             for name, rs in runs.items()
@@ -255,11 +270,11 @@ def main() -> None:
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
           f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}")  # fmt: skip
-    print(f"{'target':40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8}")
+    print(f"{'target':40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
+          f"{'CPU µs/req':>10}")
     for name, r in results.items():
-        print(
-            f"{name:40} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r['non_2xx']:8.0f}"
-        )
+        print(f"{name:40} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+              f"{r['non_2xx']:8.0f} {r['cpu_us']:10.0f}")
     rps = {name: r["rps"] for name, r in results.items()}
     bare, plugged = rps["sidecar (bare)"], rps["sidecar (rate-limit + auth)"]
     envoy = rps.get("envoy 1 worker (rate-limit + auth)")

@@ -30,6 +30,8 @@ import wasmtime
 from wasmtime import _bindings as ffi
 from wasmtime import _func as wasmtime_func
 
+from . import callstats
+
 _U32 = 0xFFFFFFFF
 _log = logging.getLogger(__name__)
 _VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}
@@ -277,6 +279,8 @@ class HostFunctionTable:
     def define(self, module: str, name: str, params: str, results: str,
                fn: HostCallable, on_bad_memory: int = 6) -> None:
         ty = _functype(params, results)
+        if callstats.ENABLED:
+            fn = callstats.timed_host(f"{module}.{name}", fn)
         cb = _trampoline_factory(params, results, on_bad_memory)(fn)
         self._callbacks.append((cb, ty))
         m, n = module.encode(), name.encode()

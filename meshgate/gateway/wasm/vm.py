@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import wasmtime
 
+from . import callstats as _callstats
 from ._rawcall import GuestMemory, GuestMemoryError, RawFunc, WasmTrap
 from ._rawcall import set_epoch_deadline as _set_deadline
 from .abi import ABI_MARKERS
@@ -142,3 +143,7 @@ class PluginVM:
     def _no_result(self, ptr_ptr: int, size_ptr: int) -> None:
         self.mem.write_u32(ptr_ptr, 0)
         self.mem.write_u32(size_ptr, 0)
+
+
+if _callstats.ENABLED:
+    _callstats.install(PluginVM)
