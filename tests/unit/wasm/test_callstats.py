@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import cProfile
 import os
+import pstats
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from meshgate.gateway.wasm import HeaderMap
+
+from .wat import plugin
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = """
@@ -52,3 +59,18 @@ def test_without_the_variable_nothing_is_reported(tmp_path: Path) -> None:
     result = run(None, tmp_path)
     assert "wasm outermost calls" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+async def test_a_profile_shows_each_call_signature_on_its_own_row(load: Any) -> None:
+    # Callbacks of different signatures (context create: (ii)->(), request headers:
+    # (iii)->(i), done: (i)->(i)) must not share one cProfile row.
+    host = await load(plugin())
+    profiler = cProfile.Profile()
+    profiler.enable()
+    stream = host.new_stream()
+    await stream.request_headers(HeaderMap([(":path", "/")]), True)
+    stream.finish()
+    profiler.disable()
+    files = {key[0] for key in pstats.Stats(profiler).stats}  # type: ignore[attr-defined]
+    calls = {f for f in files if f.startswith("<wasm call")}
+    assert {"<wasm call (ii)->(-)>", "<wasm call (iii)->(i)>", "<wasm call (i)->(i)>"} <= calls
