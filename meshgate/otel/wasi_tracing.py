@@ -27,6 +27,7 @@ either when the window passes (checked on every call) or on ``flush()``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -52,6 +53,36 @@ _KINDS = {"internal": SpanKind.INTERNAL, "server": SpanKind.SERVER, "client": Sp
 _CODES = {"unset": StatusCode.UNSET, "ok": StatusCode.OK, "error": StatusCode.ERROR}
 
 Result = tuple[int, bytes]
+
+# A record-span argument that this pattern matches in full is valid JSON whose fields all
+# pass ``record_span``'s checks except ``end >= start`` (compared after the match). When no
+# span is built that is all the call needs, so the JSON decode (~7-14 µs under load,
+# decision 0900) is skipped. Anything else (other key orders, non-ASCII text, nulls,
+# nested values) takes the full ``json.loads`` path, which decides the status as before:
+# the pattern only ever answers "certainly OK", never an error.
+_WS = rb"[ \t\n\r]*"
+# Strings as runs of plain ASCII between escapes (an alternation per character made the
+# match cost as much as the decode).
+_PLAIN = rb'[^"\\\x00-\x1f\x80-\xff]*'
+_STR = rb'"' + _PLAIN + rb'(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})' + _PLAIN + rb')*"'
+_INT = rb"(-?(?:0|[1-9][0-9]*))"
+_NUM = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_VALUE = rb"(?:" + _STR + rb"|" + _NUM + rb"|true|false)"
+_PAIR = _STR + _WS + rb":" + _WS + _VALUE
+_FAST_RECORD = re.compile(
+    _WS + rb"\{" + _WS + rb'"name"' + _WS + rb":" + _WS + _STR
+    + rb"(?:" + _WS + rb"," + _WS + rb'"kind"' + _WS + rb":" + _WS
+    + rb'"(?:internal|server|client|producer|consumer)")?'
+    + _WS + rb"," + _WS + rb'"start_unix_nanos"' + _WS + rb":" + _WS + _INT
+    + _WS + rb"," + _WS + rb'"end_unix_nanos"' + _WS + rb":" + _WS + _INT
+    + rb"(?:" + _WS + rb"," + _WS + rb'"attributes"' + _WS + rb":" + _WS + rb"\{" + _WS
+    + rb"(?:" + _PAIR + rb"(?:" + _WS + rb"," + _WS + _PAIR + rb")*" + _WS + rb")?\})?"
+    + rb"(?:" + _WS + rb"," + _WS + rb'"status"' + _WS + rb":" + _WS + rb"\{" + _WS
+    + rb'"code"' + _WS + rb":" + _WS + rb'"(?:unset|ok|error)"'
+    + rb"(?:" + _WS + rb"," + _WS + rb'"message"' + _WS + rb":" + _WS + _STR + rb")?"
+    + _WS + rb"\})?"
+    + _WS + rb"\}" + _WS,
+).fullmatch
 
 
 def parse_traceparent(traceparent: str, tracestate: str | None = None) -> SpanContext | None:
@@ -127,7 +158,15 @@ class WasiTracing:
         return OK, text.encode()
 
     def record_span(self, args: bytes, call: Any) -> Result:
-        self._expire()
+        now = time.monotonic()
+        self._expire(now)
+        if not spans_consumed(self.provider):
+            fast = _FAST_RECORD(args)
+            if fast is not None:
+                end = int(fast[2])
+                if end < int(fast[1]):
+                    return BAD_ARGUMENT, b""
+                return OK, self._unexported_span(end, now)
         try:
             doc = json.loads(args)
             name = doc["name"]
@@ -143,11 +182,7 @@ class WasiTracing:
         except (KeyError, TypeError, ValueError, AttributeError):
             return BAD_ARGUMENT, b""
         if not spans_consumed(self.provider):
-            # Nothing would see the span: answer a fresh id, and remember it for the
-            # event window so add-event answers as it would for an exported span.
-            span_id = f"{self._ids.generate_span_id():016x}"
-            self._remember(span_id, None, end)
-            return OK, span_id.encode()
+            return OK, self._unexported_span(end, now)
         parent = _parent_context(call)
         ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent \
             else otel_context.Context()
@@ -158,12 +193,19 @@ class WasiTracing:
             span.set_status(Status(code, status.get("message") or None
                                    if code is StatusCode.ERROR else None))
         span_id = f"{span.get_span_context().span_id:016x}"
-        self._remember(span_id, span, end)
+        self._remember(span_id, span, end, now)
         return OK, span_id.encode()
 
-    def _remember(self, span_id: str, span: Any, end: int) -> None:
+    def _unexported_span(self, end: int, now: float) -> bytes:
+        """Nothing would see the span: a fresh id, remembered for the event window so
+        add-event answers as it would for an exported span."""
+        span_id = f"{self._ids.generate_span_id():016x}"
+        self._remember(span_id, None, end, now)
+        return span_id.encode()
+
+    def _remember(self, span_id: str, span: Any, end: int, now: float) -> None:
         """Keep a recorded span open for add-event (``span`` None: not exported)."""
-        self._open[span_id] = (span, end, time.monotonic() + self.event_window_s)
+        self._open[span_id] = (span, end, now + self.event_window_s)
         while len(self._open) > self.max_open_spans:
             _, (old, old_end, _) = self._open.popitem(last=False)
             if old is not None:
@@ -188,8 +230,9 @@ class WasiTracing:
         self._expire()
         return OK, b""
 
-    def _expire(self) -> None:
-        now = time.monotonic()
+    def _expire(self, now: float | None = None) -> None:
+        if now is None:
+            now = time.monotonic()
         while self._open:
             span_id, (span, end, deadline) = next(iter(self._open.items()))
             if deadline > now:

@@ -333,10 +333,18 @@ class GuestMemory:
                 raise GuestMemoryError(f"[{ptr}, {ptr + length}) outside memory of {self.size}")
 
     def read(self, ptr: int, length: int) -> bytes:
-        if length == 0:
-            return b""
-        self._check(ptr, length)
-        return bytes(self.view[ptr:ptr + length])
+        end = ptr + length
+        if end > self.size and length:  # inline test: most host calls read 1-3 strings
+            self._check(ptr, length)
+        return bytes(self.view[ptr:end])
+
+    def read_str(self, ptr: int, length: int) -> str:
+        """UTF-8 text at ``[ptr, ptr + length)`` (invalid bytes replaced), decoded
+        straight from the view without an intermediate ``bytes``."""
+        end = ptr + length
+        if end > self.size and length:
+            self._check(ptr, length)
+        return str(self.view[ptr:end], "utf-8", "replace")
 
     def write(self, ptr: int, data: bytes) -> None:
         self._check(ptr, len(data))

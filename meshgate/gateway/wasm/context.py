@@ -93,6 +93,9 @@ class Context:
     """
 
     id: int
+    #: The ``ForeignCall`` foreign functions get from this context, built by the plugin
+    #: host on first use (its fields are constant for the context's life).
+    foreign_call: Any = None
 
     def header_map(self, map_type: int) -> HeaderMap | None:
         return None

@@ -70,7 +70,7 @@ class ProxyWasmImports:
 
     # -- helpers ------------------------------------------------------------------------
     def _str(self, ptr: int, size: int) -> str:
-        return self.t.vm.mem.read(ptr, size).decode("utf-8", "replace")
+        return self.t.vm.mem.read_str(ptr, size)
 
     def _map(self, map_type: int) -> tuple[int, HeaderMap | None]:
         """(status, map): BAD_ARGUMENT past the last map type, NOT_FOUND if unavailable."""

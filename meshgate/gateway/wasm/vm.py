@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import struct
+
 import wasmtime
 
 from . import callstats as _callstats
 from ._rawcall import GuestMemory, GuestMemoryError, RawFunc, WasmTrap
 from ._rawcall import set_epoch_deadline as _set_deadline
 from .abi import ABI_MARKERS
+
+_pack_u32 = struct.Struct("<I").pack_into
 
 
 class VMLoadError(Exception):
@@ -117,28 +121,37 @@ class PluginVM:
         written once; if allocation fails they read ``(0, 0)``.
         """
         mem = self.mem
-        if not data:
+        n = len(data)
+        if not n:
             mem.write_u32(ptr_ptr, 0)
             mem.write_u32(size_ptr, 0)
             return
-        mem.check(ptr_ptr, 4)
-        mem.check(size_ptr, 4)
-        if self._alloc is None:
+        # Every returned buffer pays for this path plus a nested call into the guest's
+        # allocator, so bounds are compared inline and the slow checks run only on a miss.
+        if ptr_ptr + 4 > mem.size or size_ptr + 4 > mem.size:
+            mem.check(ptr_ptr, 4)
+            mem.check(size_ptr, 4)
+        alloc = self._alloc
+        if alloc is None:
             self._no_result(ptr_ptr, size_ptr)
             raise GuestMemoryError("plugin exports no malloc/proxy_on_memory_allocate")
         if self.depth == 0:
             self._arm_deadline()
         self.depth += 1
         try:
-            ptr = self._alloc.call(len(data)) or 0
+            ptr = alloc.call(n) or 0
         finally:
             self.depth -= 1
         if ptr == 0:
             self._no_result(ptr_ptr, size_ptr)
-            raise GuestMemoryError(f"plugin allocator returned NULL for {len(data)} bytes")
-        mem.write(ptr, data)
-        mem.write_u32(ptr_ptr, ptr)
-        mem.write_u32(size_ptr, len(data))
+            raise GuestMemoryError(f"plugin allocator returned NULL for {n} bytes")
+        end = ptr + n
+        if end > mem.size:  # the allocator may have grown memory: remap (or refuse)
+            mem.check(ptr, n)
+        view = mem.view
+        view[ptr:end] = data
+        _pack_u32(view, ptr_ptr, ptr)
+        _pack_u32(view, size_ptr, n)
 
     def _no_result(self, ptr_ptr: int, size_ptr: int) -> None:
         self.mem.write_u32(ptr_ptr, 0)

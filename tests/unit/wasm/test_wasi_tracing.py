@@ -126,3 +126,44 @@ async def test_a_processor_added_later_gets_the_plugins_spans(load, unexported):
     unexported.flush()
     (span,) = exporter.get_finished_spans()
     assert status == 0 and f"{span.context.span_id:016x}" == span_id.decode()
+
+
+# The plugins' compact encoding, and variants around it: what record-span answers must not
+# depend on whether spans are exported (the unexported path skips the JSON decode for
+# arguments it can vouch for, decision 0900).
+_COMPACT = (b'{"name":"meshgate.auth","kind":"internal","start_unix_nanos":10,'
+            b'"end_unix_nanos":20,"attributes":{"auth.method":"api_key","n":200,'
+            b'"ok":true,"r":-1.5e3},"status":{"code":"ok","message":""}}')
+RECORD_CASES = [
+    (_COMPACT, 0),
+    (b'{"name":"x","start_unix_nanos":1,"end_unix_nanos":1}', 0),
+    (b' { "name" : "a\\"b\\u00e9" , "start_unix_nanos" : 0 , "end_unix_nanos" : 3 } ', 0),
+    ('{"name":"caf\u00e9","start_unix_nanos":1,"end_unix_nanos":2}'.encode(), 0),
+    (b'{"start_unix_nanos":1,"end_unix_nanos":2,"name":"reordered"}', 0),
+    (_COMPACT.replace(b'"end_unix_nanos":20', b'"end_unix_nanos":5'), 2),
+    (_COMPACT.replace(b'"internal"', b'"sideways"'), 2),
+    (_COMPACT.replace(b'"ok","message"', b'"fine","message"'), 2),
+    (_COMPACT.replace(b'"n":200', b'"n":null'), 2),
+    (_COMPACT.replace(b'"n":200', b'"n":[1]'), 2),
+    (_COMPACT.replace(b'"start_unix_nanos":10', b'"start_unix_nanos":010'), 4),
+    (_COMPACT.replace(b'"name":"meshgate.auth"', b'"name":7'), 2),
+    (_COMPACT[:-1], 4),
+    (_COMPACT + b"x", 4),
+    (b'{"name":"x\xff","start_unix_nanos":1,"end_unix_nanos":2}', 2),
+]
+
+
+@pytest.mark.parametrize("exported", [False, True])
+@pytest.mark.parametrize(("args", "expected"), RECORD_CASES)
+async def test_record_span_status_is_the_same_with_and_without_an_exporter(
+        load, services, args, expected, exported):
+    from .wat import plugin
+    provider = setup_tracing("test")
+    if exported:
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    services.foreign_functions.update(WasiTracing(provider, event_window_s=60).functions())
+    host = await load(plugin())
+    ctx = host.new_stream(StreamInfo(traceparent=TRACEPARENT)).ctx
+    status, span_id = await _call(host, ctx, b"wasi:tracing/record-span", args)
+    assert status == expected
+    assert len(span_id) == (16 if expected == 0 else 0)
