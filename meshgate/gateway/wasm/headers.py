@@ -60,12 +60,19 @@ class HeaderMap:
         """Replace every value of ``name`` with one value (appended if absent)."""
         self.edits += 1
         name = name.lower()
-        for i, (k, _) in enumerate(self._items):
+        items = self._items
+        for i, (k, _) in enumerate(items):
             if k == name:
-                self._items[i] = (k, value)
-                self._items = [kv for j, kv in enumerate(self._items) if j <= i or kv[0] != name]
+                items[i] = (k, value)
+                # Rebuild only if a later duplicate exists (rare): plugins set a few
+                # headers on every request.
+                for j in range(i + 1, len(items)):
+                    if items[j][0] == name:
+                        self._items = items[:i + 1] + [kv for kv in items[i + 1:]
+                                                       if kv[0] != name]
+                        break
                 return
-        self._items.append((name, value))
+        items.append((name, value))
 
     def remove(self, name: str) -> None:
         self.edits += 1

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 from .abi import MetricType, Status
 
@@ -26,6 +27,25 @@ class _Metric:
     type: MetricType
     value: int
     prom: Counter | Gauge | Histogram
+    #: For counters: how much of ``value`` the Prometheus counter already holds.
+    synced: int = 0
+
+
+class _SyncBeforeCollect:
+    """Registered ahead of every plugin metric: a scrape first copies the exact values
+    into the Prometheus counters and gauges. Plugins bump counters several times a
+    request and a Prometheus ``inc`` (lock included) cost ~2-4 µs of each such host
+    call under load (decision 0900); scrapes are rare."""
+
+    def __init__(self, store: MetricStore) -> None:
+        self._store = store
+
+    def describe(self) -> list[Metric]:
+        return []  # owns no names: the counters and gauges are registered themselves
+
+    def collect(self) -> list[Metric]:
+        self._store.sync()
+        return []
 
 
 def prometheus_name(name: str) -> str:
@@ -40,6 +60,9 @@ class MetricStore:
         self._by_name: dict[tuple[MetricType, str], int] = {}
         self._metrics: dict[int, _Metric] = {}
         self._next = {t: int(t) for t in MetricType}
+        # Before any plugin metric, so the registry (which collects in registration
+        # order) runs it first on every scrape.
+        registry.register(_SyncBeforeCollect(self))
 
     def define(self, mtype: int, name: str) -> tuple[Status, int]:
         try:
@@ -76,10 +99,8 @@ class MetricStore:
             if delta < 0:
                 return Status.BAD_ARGUMENT
             m.value += delta
-            m.prom.inc(delta)  # type: ignore[union-attr]
         elif m.type is MetricType.GAUGE:
             m.value += delta
-            m.prom.inc(delta)  # type: ignore[union-attr]
         else:
             return Status.BAD_ARGUMENT
         return Status.OK
@@ -90,13 +111,21 @@ class MetricStore:
             return Status.NOT_FOUND
         if m.type is MetricType.COUNTER:
             m.value += value
-            m.prom.inc(value)  # type: ignore[union-attr]
         elif m.type is MetricType.GAUGE:
             m.value = value
-            m.prom.set(value)  # type: ignore[union-attr]
         else:
             m.prom.observe(value)  # type: ignore[union-attr]
         return Status.OK
+
+    def sync(self) -> None:
+        """Bring the Prometheus counters and gauges up to the exact values."""
+        for m in self._metrics.values():
+            if m.type is MetricType.COUNTER:
+                if m.value != m.synced:
+                    m.prom.inc(m.value - m.synced)  # type: ignore[union-attr]
+                    m.synced = m.value
+            elif m.type is MetricType.GAUGE:
+                m.prom.set(m.value)  # type: ignore[union-attr]
 
     def get(self, mid: int) -> tuple[Status, int]:
         m = self._metrics.get(mid)
