@@ -60,13 +60,14 @@ Result = tuple[int, bytes]
 # decision 0900) is skipped. Anything else (other key orders, non-ASCII text, nulls,
 # nested values) takes the full ``json.loads`` path, which decides the status as before:
 # the pattern only ever answers "certainly OK", never an error.
-_WS = rb"[ \t\n\r]*"
+_WS = rb"[ \t\n\r]*+"
 # Strings as runs of plain ASCII between escapes (an alternation per character made the
-# match cost as much as the decode).
-_PLAIN = rb'[^"\\\x00-\x1f\x80-\xff]*'
+# match cost as much as the decode). Possessive repeats: no token can start with what
+# the repeat consumed, so backtracking into them could never help.
+_PLAIN = rb'[^"\\\x00-\x1f\x80-\xff]*+'
 _STR = rb'"' + _PLAIN + rb'(?:\\(?:["\\/bfnrt]|u[0-9a-fA-F]{4})' + _PLAIN + rb')*"'
-_INT = rb"(-?(?:0|[1-9][0-9]*))"
-_NUM = rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_INT = rb"(-?(?:0|[1-9][0-9]*+))"
+_NUM = rb"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"
 _VALUE = rb"(?:" + _STR + rb"|" + _NUM + rb"|true|false)"
 _PAIR = _STR + _WS + rb":" + _WS + _VALUE
 _FAST_RECORD = re.compile(
