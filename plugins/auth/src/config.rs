@@ -3,6 +3,8 @@
 use crate::apikey::{parse_hex32, ApiKey};
 use crate::jwk::{parse_jwks, Alg, Jwk};
 use crate::jwt::Policy;
+pub use meshgate_config::ConfigError;
+use meshgate_config::{err, header_name, object, only_keys};
 use serde_json::{Map, Value};
 
 #[derive(Clone, Debug)]
@@ -45,36 +47,6 @@ pub struct Opa {
     pub fail_open: bool,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid configuration: {}: {}", self.field, self.reason)
-    }
-}
-
-fn err<T>(field: &str, reason: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError { field: field.into(), reason: reason.into() })
-}
-
-fn object<'a>(v: &'a Value, at: &str) -> Result<&'a Map<String, Value>, ConfigError> {
-    v.as_object().map_or_else(|| err(at, "must be an object"), Ok)
-}
-
-fn only_keys(m: &Map<String, Value>, at: &str, allowed: &[&str]) -> Result<(), ConfigError> {
-    for k in m.keys() {
-        if !allowed.contains(&k.as_str()) {
-            let f = if at.is_empty() { k.clone() } else { format!("{at}.{k}") };
-            return err(&f, format!("unknown field (expected one of: {})", allowed.join(", ")));
-        }
-    }
-    Ok(())
-}
-
 fn string(m: &Map<String, Value>, at: &str, key: &str) -> Result<Option<String>, ConfigError> {
     match m.get(key) {
         None => Ok(None),
@@ -101,13 +73,6 @@ fn boolean(m: &Map<String, Value>, at: &str, key: &str, default: bool) -> Result
     }
 }
 
-pub fn header_name(s: &str, field: &str) -> Result<String, ConfigError> {
-    let lower = s.to_ascii_lowercase();
-    if lower.is_empty() || !lower.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return err(field, "must be a header name (letters, digits, '-' and '_')");
-    }
-    Ok(lower)
-}
 
 fn upstream(v: &Value, at: &str, default_path: Option<&str>, default_timeout: u64) -> Result<Upstream, ConfigError> {
     let m = object(v, at)?;

@@ -2,7 +2,9 @@
 //! configuration is refused with the field's path and the reason.
 
 use crate::bucket::Limit;
-use serde_json::{Map, Value};
+pub use meshgate_config::ConfigError;
+use meshgate_config::{err, object, only_keys};
+use serde_json::Value;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -46,27 +48,6 @@ pub enum Descriptor {
     Claim(String),
 }
 
-/// A configuration error: where and why.
-#[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid configuration: {}: {}", self.field, self.reason)
-    }
-}
-
-fn err<T>(field: &str, reason: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError { field: field.to_string(), reason: reason.into() })
-}
-
-fn object<'a>(v: &'a Value, field: &str) -> Result<&'a Map<String, Value>, ConfigError> {
-    v.as_object().map_or_else(|| err(field, "must be an object"), Ok)
-}
-
 fn string(v: &Value, field: &str) -> Result<String, ConfigError> {
     match v.as_str() {
         Some(s) if !s.is_empty() => Ok(s.to_string()),
@@ -82,22 +63,9 @@ fn positive(v: &Value, field: &str, max: u64) -> Result<u64, ConfigError> {
     }
 }
 
-fn only_keys(m: &Map<String, Value>, field: &str, allowed: &[&str]) -> Result<(), ConfigError> {
-    for k in m.keys() {
-        if !allowed.contains(&k.as_str()) {
-            let at = if field.is_empty() { k.clone() } else { format!("{field}.{k}") };
-            return err(&at, format!("unknown field (expected one of: {})", allowed.join(", ")));
-        }
-    }
-    Ok(())
-}
 
 fn header_name(v: &Value, field: &str) -> Result<String, ConfigError> {
-    let name = string(v, field)?.to_ascii_lowercase();
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        return err(field, "must be a header name (letters, digits, '-' and '_')");
-    }
-    Ok(name)
+    meshgate_config::header_name(&string(v, field)?, field)
 }
 
 pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
