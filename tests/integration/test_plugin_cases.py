@@ -49,54 +49,22 @@ pytestmark = [
 
 # -- the parts around Envoy -----------------------------------------------------------
 
-@contextmanager
-def jwks_server(document: dict[str, Any]) -> Iterator[int]:
-    """An identity provider's JWKS endpoint: GET /.well-known/jwks.json."""
-    body = json.dumps(document).encode()
+class _JsonHandler(BaseHTTPRequestHandler):
+    def send_json(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path != "/.well-known/jwks.json":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 @contextmanager
-def slow_server(delay_s: float) -> Iterator[int]:
-    """An OPA stand-in that answers allow, but only after `delay_s` seconds."""
-    body = b'{"result": true}'
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-            self.rfile.read(int(self.headers.get("content-length", "0")))
-            time.sleep(delay_s)
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    """`handler` on a loopback port from a background thread; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -105,6 +73,32 @@ def slow_server(delay_s: float) -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def jwks_server(document: dict[str, Any]) -> Any:
+    """An identity provider's JWKS endpoint: GET /.well-known/jwks.json."""
+    body = json.dumps(document).encode()
+
+    class Handler(_JsonHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path != "/.well-known/jwks.json":
+                self.send_error(404)
+                return
+            self.send_json(body)
+
+    return serve(Handler)
+
+
+def slow_server(delay_s: float) -> Any:
+    """An OPA stand-in that answers allow, but only after `delay_s` seconds."""
+
+    class Handler(_JsonHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            time.sleep(delay_s)
+            self.send_json(b'{"result": true}')
+
+    return serve(Handler)
 
 
 def mesh_config(material: Material, upstream: dict[str, int]) -> dict[str, Any]:
