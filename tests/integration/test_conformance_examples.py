@@ -49,12 +49,6 @@ HEADER_CONFIG = "conformance-from-plugin-config"
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ConformanceUpstream]:
-    with ConformanceUpstream() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def planes(tmp_path_factory: pytest.TempPathFactory,
            upstream: ConformanceUpstream) -> Iterator[ConformancePlanes]:
     def example(name: str, **extra: object) -> dict[str, object]:

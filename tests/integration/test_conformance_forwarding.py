@@ -28,12 +28,6 @@ pytestmark = [pytest.mark.envoy]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[ConformanceUpstream]:
-    with ConformanceUpstream() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def planes(tmp_path_factory: pytest.TempPathFactory,
            upstream: ConformanceUpstream) -> Iterator[ConformancePlanes]:
     path = tmp_path_factory.mktemp("conformance-forwarding")
