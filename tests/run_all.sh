@@ -11,3 +11,9 @@ if compgen -G "policies/*.rego" > /dev/null; then
 fi
 echo "==> pytest"
 .venv/bin/pytest -q -p no:cacheprovider tests "$@"
+# The host's unit tests again through the ctypes crossings, the reference the compiled
+# ones (decision 1000) must match.
+if [ "$#" -eq 0 ]; then
+  echo "==> pytest tests/unit/wasm through the ctypes crossings"
+  MESHGATE_WASM_CROSSING=ctypes .venv/bin/pytest -q -p no:cacheprovider tests/unit/wasm
+fi

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +32,16 @@ from wasmtime import _bindings as ffi
 from wasmtime import _func as wasmtime_func
 
 from . import callstats
+
+try:  # the compiled crossings (decision 1000); ctypes below stays the reference path
+    from . import _crossing as _compiled
+except ImportError:  # pragma: no cover - only when the extension was not built
+    _compiled = None
+if os.environ.get("MESHGATE_WASM_CROSSING") == "ctypes":
+    _compiled = None
+
+#: Which crossing implementation calls and host functions use: "compiled" or "ctypes".
+CROSSING = "compiled" if _compiled is not None else "ctypes"
 
 _U32 = 0xFFFFFFFF
 _log = logging.getLogger(__name__)
@@ -121,9 +132,16 @@ class RawFunc:
             ctypes.c_size_t(n),
             ctypes.c_void_p(ctypes.addressof(self._trap)),
         )
-        #: ``call(*args) -> int | None``: generated per signature (see ``_caller_factory``).
-        self.call = _caller_factory(self._params, self._results)(
-            _CALL_UNCHECKED, *args, self._vals, self._trap, self._take_trap)
+        #: ``call(*args) -> int | None``: the compiled crossing, or a ctypes wrapper
+        #: generated per signature (see ``_caller_factory``).
+        if _compiled is not None:
+            self.call = _compiled.WasmCall(
+                _CALL_UNCHECKED_ADDRESS, args[0].value, args[1].value, args[4].value,
+                self._params, self._results, (self._func, self._vals, self._trap),
+                self._raise_failure)
+        else:
+            self.call = _caller_factory(self._params, self._results)(
+                _CALL_UNCHECKED, *args, self._vals, self._trap, self._take_trap)
 
     @property
     def params(self) -> str:
@@ -135,6 +153,12 @@ class RawFunc:
 
     def __call__(self, *args: int) -> int | None:
         return self.call(*args)  # type: ignore[no-any-return]
+
+    def _raise_failure(self, error: int) -> None:
+        """The compiled call's failure path: wasmtime returned an error or left a trap."""
+        if error:
+            raise _error_from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
+        raise self._take_trap()
 
     def _take_trap(self) -> WasmTrap:
         """Turn the trap wasmtime left in our slot into an exception; reset the slot."""
@@ -188,9 +212,9 @@ def _source_name(kind: str, params: str, results: str) -> str:
 #: passes prebuilt ``c_void_p``/``c_size_t`` objects and gets the error pointer as an int
 #: (None when the call succeeded). Like every ctypes foreign call it releases the GIL,
 #: which the epoch thread needs to interrupt a runaway callback.
-_CALL_UNCHECKED = ctypes.CFUNCTYPE(ctypes.c_void_p)(
-    ctypes.cast(ffi._wasmtime_func_call_unchecked, ctypes.c_void_p).value
-)
+_CALL_UNCHECKED_ADDRESS: int = ctypes.cast(ffi._wasmtime_func_call_unchecked,
+                                          ctypes.c_void_p).value or 0
+_CALL_UNCHECKED = ctypes.CFUNCTYPE(ctypes.c_void_p)(_CALL_UNCHECKED_ADDRESS)
 
 
 #: The C callback type wasmtime calls, with every argument as a plain int: ctypes then
@@ -271,6 +295,20 @@ def _fail(exc: BaseException) -> int:
     return ctypes.cast(trap, ctypes.c_void_p).value or 0
 
 
+def _host_error(on_bad_memory: int, fn: HostCallable, exc: BaseException) -> tuple[int, int]:
+    """What the compiled trampoline does when a host function raised: ``(trap, status)``,
+    a trap address to stop the guest with, or 0 and the status to answer (as the
+    generated ctypes trampoline does)."""
+    if isinstance(exc, GuestMemoryError):
+        return 0, on_bad_memory
+    if isinstance(exc, (WasmTrap, HostAbort)):
+        return _fail(exc), 0
+    if isinstance(exc, Exception):
+        _log_internal(fn, exc)
+        return 0, INTERNAL_ERROR_STATUS
+    return _fail(exc), 0  # KeyboardInterrupt and friends: stop the guest
+
+
 _NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 
 
@@ -290,13 +328,21 @@ class HostFunctionTable:
         ty = _functype(params, results)
         if callstats.ENABLED:
             fn = callstats.timed_host(f"{module}.{name}", fn)
-        cb = _trampoline_factory(params, results, on_bad_memory)(fn)
-        self._callbacks.append((cb, ty))
+        env: int | None = None
+        if _compiled is not None:
+            host = _compiled.HostFunction(fn, params, results,
+                                          functools.partial(_host_error, on_bad_memory))
+            self._callbacks.append((host, ty))
+            env = host.env()
+            typed = ctypes.cast(_compiled.TRAMPOLINE, ffi.wasmtime_func_unchecked_callback_t)
+        else:
+            cb = _trampoline_factory(params, results, on_bad_memory)(fn)
+            self._callbacks.append((cb, ty))
+            # Same C signature, declared with plain ints; the bindings' prototype wants its type.
+            typed = ctypes.cast(cb, ffi.wasmtime_func_unchecked_callback_t)
         m, n = module.encode(), name.encode()
-        # Same C signature, declared with plain ints; the bindings' prototype wants its type.
-        typed = ctypes.cast(cb, ffi.wasmtime_func_unchecked_callback_t)
         error = ffi.wasmtime_linker_define_func_unchecked(
-            self._linker.ptr(), m, len(m), n, len(n), ty.ptr(), typed, None, _NO_FINALIZER)
+            self._linker.ptr(), m, len(m), n, len(n), ty.ptr(), typed, env, _NO_FINALIZER)
         if error:
             raise wasmtime.WasmtimeError._from_ptr(error)
 

@@ -1,0 +1,405 @@
+/* meshgate's compiled wasm crossings: calls into a plugin and host-function trampolines.
+ *
+ * Why this exists (docs/decisions/1000-compiled-crossings.md): under load the sidecar's
+ * plugged requests spent most of their extra CPU in Python around ~40 crossings per
+ * request (14 callbacks, ~25 host calls). Through ctypes each crossing builds argument
+ * objects, runs a generated Python wrapper and, for host calls, a Python trampoline.
+ * Here a crossing is one C function: arguments go straight into wasmtime's raw value
+ * array, and a host call becomes one vectorcall of the Python host function.
+ *
+ * This file links against nothing but Python: wasmtime's entry points come in as
+ * addresses taken from the wasmtime package's own loaded library (see _rawcall.py), so
+ * the version pinned in pyproject.toml is the one called.
+ *
+ * Value signatures are strings of "i" (i32, crossing as an unsigned Python int) and
+ * "I" (i64, signed), as in _rawcall.py.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+/* wasmtime_val_raw_t: a 16-byte union; only the integer members are used here. */
+typedef union {
+    int32_t i32;
+    int64_t i64;
+    uint8_t bytes[16];
+} raw_val;
+
+typedef void *(*call_unchecked_fn)(void *ctx, const void *func, raw_val *vals,
+                                   size_t n, void **trap);
+
+#define MAX_VALS 16
+
+static int
+parse_signature(const char *sig, Py_ssize_t len, char *out)
+{
+    if (len > MAX_VALS) {
+        PyErr_SetString(PyExc_ValueError, "signature longer than 16 values");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < len; i++) {
+        if (sig[i] != 'i' && sig[i] != 'I') {
+            PyErr_Format(PyExc_ValueError, "bad value type %c in signature", sig[i]);
+            return -1;
+        }
+        out[i] = sig[i];
+    }
+    return 0;
+}
+
+static int
+store_arg(raw_val *slot, char kind, PyObject *arg)
+{
+    if (kind == 'i') {
+        unsigned long v = PyLong_AsUnsignedLongMask(arg);
+        if (v == (unsigned long)-1 && PyErr_Occurred())
+            return -1;
+        slot->i64 = 0;
+        slot->i32 = (int32_t)(uint32_t)v;
+    } else {
+        long long v = PyLong_AsLongLong(arg);
+        if (v == -1 && PyErr_Occurred())
+            return -1;
+        slot->i64 = (int64_t)v;
+    }
+    return 0;
+}
+
+static PyObject *
+load_result(const raw_val *slot, char kind)
+{
+    if (kind == 'i')
+        return PyLong_FromUnsignedLong((uint32_t)slot->i32);
+    return PyLong_FromLongLong(slot->i64);
+}
+
+/* ---- WasmCall: one exported function, called through wasmtime_func_call_unchecked ---- */
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    call_unchecked_fn call;
+    void *ctx;
+    const void *func;      /* wasmtime_func_t, owned by `keep` */
+    void **trap;           /* the caller's trap slot, owned by `keep` */
+    PyObject *keep;        /* keeps func struct and trap slot alive */
+    PyObject *on_failure;  /* on_failure(error_address) raises the trap or error */
+    Py_ssize_t nparams;
+    Py_ssize_t nresults;
+    Py_ssize_t nvals;
+    char params[MAX_VALS];
+    char result;
+    raw_val vals[MAX_VALS];
+} WasmCall;
+
+static PyObject *
+WasmCall_vectorcall(PyObject *self_obj, PyObject *const *args, size_t nargsf, PyObject *kw)
+{
+    WasmCall *self = (WasmCall *)self_obj;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (kw != NULL && PyTuple_GET_SIZE(kw)) {
+        PyErr_SetString(PyExc_TypeError, "wasm calls take no keyword arguments");
+        return NULL;
+    }
+    if (nargs != self->nparams) {
+        PyErr_Format(PyExc_TypeError, "wasm function takes %zd arguments, got %zd",
+                     self->nparams, nargs);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        if (store_arg(&self->vals[i], self->params[i], args[i]) < 0)
+            return NULL;
+    void *error;
+    /* The GIL is released as ctypes does: the epoch thread must be able to run to
+     * interrupt a callback that never returns. */
+    Py_BEGIN_ALLOW_THREADS
+    error = self->call(self->ctx, self->func, self->vals, (size_t)self->nvals, self->trap);
+    Py_END_ALLOW_THREADS
+    if (error != NULL || *self->trap != NULL) {
+        PyObject *addr = PyLong_FromVoidPtr(error);
+        if (addr == NULL)
+            return NULL;
+        PyObject *r = PyObject_CallOneArg(self->on_failure, addr);
+        Py_DECREF(addr);
+        Py_XDECREF(r);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "wasm call failed without an exception");
+        return NULL;
+    }
+    if (!self->nresults)
+        Py_RETURN_NONE;
+    return load_result(&self->vals[0], self->result);
+}
+
+static PyObject *
+WasmCall_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"call", "ctx", "func", "trap", "params", "results", "keep",
+                            "on_failure", NULL};
+    unsigned long long call, ctx, func, trap;
+    const char *params, *results;
+    Py_ssize_t plen, rlen;
+    PyObject *keep, *on_failure;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKKs#s#OO", names, &call, &ctx, &func,
+                                     &trap, &params, &plen, &results, &rlen, &keep,
+                                     &on_failure))
+        return NULL;
+    if (rlen > 1) {
+        PyErr_SetString(PyExc_ValueError, "at most one result");
+        return NULL;
+    }
+    WasmCall *self = (WasmCall *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if (parse_signature(params, plen, self->params) < 0 ||
+        parse_signature(results, rlen, &self->result) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->vectorcall = WasmCall_vectorcall;
+    self->call = (call_unchecked_fn)(uintptr_t)call;
+    self->ctx = (void *)(uintptr_t)ctx;
+    self->func = (const void *)(uintptr_t)func;
+    self->trap = (void **)(uintptr_t)trap;
+    self->nparams = plen;
+    self->nresults = rlen;
+    self->nvals = plen > rlen ? plen : (rlen ? rlen : 1);
+    memset(self->vals, 0, sizeof self->vals);
+    Py_INCREF(keep);
+    self->keep = keep;
+    Py_INCREF(on_failure);
+    self->on_failure = on_failure;
+    return (PyObject *)self;
+}
+
+static int
+WasmCall_traverse(WasmCall *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->keep);
+    Py_VISIT(self->on_failure);
+    return 0;
+}
+
+static int
+WasmCall_clear(WasmCall *self)
+{
+    Py_CLEAR(self->keep);
+    Py_CLEAR(self->on_failure);
+    return 0;
+}
+
+static void
+WasmCall_dealloc(WasmCall *self)
+{
+    PyObject_GC_UnTrack(self);
+    WasmCall_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyTypeObject WasmCallType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "meshgate.gateway.wasm._crossing.WasmCall",
+    .tp_doc = "WasmCall(call, ctx, func, trap, params, results, keep, on_failure)\n"
+              "An exported wasm function; calling it crosses into the guest.",
+    .tp_basicsize = sizeof(WasmCall),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(WasmCall, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_new = WasmCall_new,
+    .tp_traverse = (traverseproc)WasmCall_traverse,
+    .tp_clear = (inquiry)WasmCall_clear,
+    .tp_dealloc = (destructor)WasmCall_dealloc,
+};
+
+/* ---- HostFunction: a Python host function behind wasmtime's unchecked callback ---- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fn;
+    PyObject *on_error;  /* on_error(fn, exc) -> (trap_address, status) */
+    Py_ssize_t nparams;
+    Py_ssize_t nresults;
+    char params[MAX_VALS];
+    char result;
+} HostFunction;
+
+/* wasmtime_func_unchecked_callback_t; env is the HostFunction, kept alive by the
+ * linker's owner on the Python side (HostFunctionTable). */
+static void *
+host_trampoline(void *env, void *caller, raw_val *vals, size_t n)
+{
+    (void)caller;
+    (void)n;
+    HostFunction *h = (HostFunction *)env;
+    void *trap = NULL;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *argv[MAX_VALS];
+    Py_ssize_t built = 0;
+    PyObject *r = NULL;
+    for (; built < h->nparams; built++) {
+        argv[built] = load_result(&vals[built], h->params[built]);
+        if (argv[built] == NULL)
+            goto failed;
+    }
+    r = PyObject_Vectorcall(h->fn, argv, (size_t)h->nparams, NULL);
+failed:
+    for (Py_ssize_t i = 0; i < built; i++)
+        Py_DECREF(argv[i]);
+    if (r != NULL) {
+        if (h->nresults) {
+            raw_val out;
+            memset(&out, 0, sizeof out);
+            if (store_arg(&out, h->result, r) < 0) {
+                Py_DECREF(r);
+                r = NULL;
+                goto error;
+            }
+            vals[0] = out;
+        }
+        Py_DECREF(r);
+        PyGILState_Release(gil);
+        return NULL;
+    }
+error: ;
+    /* Rare: decide in Python (bad guest pointer -> status, trap, or a logged host bug). */
+    PyObject *etype, *exc, *etb;
+    PyErr_Fetch(&etype, &exc, &etb);
+    PyErr_NormalizeException(&etype, &exc, &etb);
+    if (exc != NULL && etb != NULL)
+        PyException_SetTraceback(exc, etb);
+    Py_XDECREF(etype);
+    Py_XDECREF(etb);
+    if (exc == NULL) {
+        exc = Py_None;
+        Py_INCREF(exc);
+    }
+    PyObject *decision = PyObject_CallFunctionObjArgs(h->on_error, h->fn, exc, NULL);
+    Py_XDECREF(exc);
+    unsigned long long trap_addr = 0;
+    long long status = 0;
+    if (decision == NULL || !PyArg_ParseTuple(decision, "KL", &trap_addr, &status)) {
+        PyErr_WriteUnraisable(h->fn);
+        status = 10; /* INTERNAL_FAILURE */
+    }
+    Py_XDECREF(decision);
+    if (trap_addr) {
+        trap = (void *)(uintptr_t)trap_addr;
+    } else if (h->nresults) {
+        raw_val out;
+        memset(&out, 0, sizeof out);
+        if (h->result == 'i')
+            out.i32 = (int32_t)(uint32_t)status;
+        else
+            out.i64 = status;
+        vals[0] = out;
+    }
+    PyGILState_Release(gil);
+    return trap;
+}
+
+static PyObject *
+HostFunction_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *names[] = {"fn", "params", "results", "on_error", NULL};
+    PyObject *fn, *on_error;
+    const char *params, *results;
+    Py_ssize_t plen, rlen;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os#s#O", names, &fn, &params, &plen,
+                                     &results, &rlen, &on_error))
+        return NULL;
+    if (rlen > 1) {
+        PyErr_SetString(PyExc_ValueError, "at most one result");
+        return NULL;
+    }
+    HostFunction *self = (HostFunction *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    if (parse_signature(params, plen, self->params) < 0 ||
+        parse_signature(results, rlen, &self->result) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->nparams = plen;
+    self->nresults = rlen;
+    Py_INCREF(fn);
+    self->fn = fn;
+    Py_INCREF(on_error);
+    self->on_error = on_error;
+    return (PyObject *)self;
+}
+
+static int
+HostFunction_traverse(HostFunction *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->fn);
+    Py_VISIT(self->on_error);
+    return 0;
+}
+
+static int
+HostFunction_clear(HostFunction *self)
+{
+    Py_CLEAR(self->fn);
+    Py_CLEAR(self->on_error);
+    return 0;
+}
+
+static void
+HostFunction_dealloc(HostFunction *self)
+{
+    PyObject_GC_UnTrack(self);
+    HostFunction_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *
+HostFunction_env(HostFunction *self, PyObject *unused)
+{
+    return PyLong_FromVoidPtr(self);
+}
+
+static PyMethodDef HostFunction_methods[] = {
+    {"env", (PyCFunction)HostFunction_env, METH_NOARGS,
+     "The env pointer to register with the trampoline (valid while this object lives)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject HostFunctionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "meshgate.gateway.wasm._crossing.HostFunction",
+    .tp_doc = "HostFunction(fn, params, results, on_error)\n"
+              "A Python host function as wasmtime's unchecked callback (TRAMPOLINE, env()).",
+    .tp_basicsize = sizeof(HostFunction),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = HostFunction_new,
+    .tp_traverse = (traverseproc)HostFunction_traverse,
+    .tp_clear = (inquiry)HostFunction_clear,
+    .tp_dealloc = (destructor)HostFunction_dealloc,
+    .tp_methods = HostFunction_methods,
+};
+
+static struct PyModuleDef crossing_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "meshgate.gateway.wasm._crossing",
+    .m_doc = "Compiled crossings between Python and wasm (calls and host trampolines).",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC
+PyInit__crossing(void)
+{
+    if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&crossing_module);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "WasmCall", (PyObject *)&WasmCallType) < 0 ||
+        PyModule_AddObjectRef(m, "HostFunction", (PyObject *)&HostFunctionType) < 0 ||
+        PyModule_AddObject(m, "TRAMPOLINE", PyLong_FromVoidPtr((void *)host_trampoline)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,13 @@
+"""The compiled part of meshgate (everything else is declared in pyproject.toml)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "meshgate.gateway.wasm._crossing",
+            sources=["meshgate/gateway/wasm/_crossing.c"],
+            extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
+        )
+    ]
+)

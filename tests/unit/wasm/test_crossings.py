@@ -1,0 +1,164 @@
+"""The crossing layer (``_rawcall``) alone: calls into wasm and host functions, through
+whichever crossing this process uses (compiled by default; tests/run_all.sh runs these
+again with MESHGATE_WASM_CROSSING=ctypes)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+import wasmtime
+
+from meshgate.gateway.wasm._rawcall import (
+    CROSSING,
+    GuestMemoryError,
+    HostAbort,
+    HostFunctionTable,
+    RawFunc,
+    WasmTrap,
+)
+
+WAT = """
+(module
+  (import "host" "f32" (func $f32 (param i32 i32) (result i32)))
+  (import "host" "f64" (func $f64 (param i64) (result i64)))
+  (import "host" "none" (func $none (param i32)))
+  (memory (export "memory") 1)
+  (func (export "call_f32") (param i32 i32) (result i32) (call $f32 (local.get 0) (local.get 1)))
+  (func (export "call_f64") (param i64) (result i64) (call $f64 (local.get 0)))
+  (func (export "call_none") (param i32) (call $none (local.get 0)))
+  (func (export "add") (param i32 i32) (result i32) (i32.add (local.get 0) (local.get 1)))
+  (func (export "neg64") (param i64) (result i64) (i64.sub (i64.const 0) (local.get 0)))
+  (func (export "boom") unreachable))
+"""
+SPIN = '(module (func (export "spin") (loop (br 0))))'
+
+HostFns = dict[str, Callable[..., int | None]]
+
+
+def instance(fns: HostFns) -> Callable[[str], RawFunc]:
+    engine = wasmtime.Engine()
+    linker = wasmtime.Linker(engine)
+    table = HostFunctionTable(linker)
+    table.define("host", "f32", "ii", "i", fns["f32"], on_bad_memory=6)
+    table.define("host", "f64", "I", "I", fns["f64"])
+    table.define("host", "none", "i", "", fns["none"])
+    store = wasmtime.Store(engine)
+    exports = linker.instantiate(store, wasmtime.Module(engine, WAT)).exports(store)
+    kept.append((table, store))  # wasmtime holds raw pointers to both
+    return lambda name: RawFunc(store, exports[name], name)
+
+
+kept: list[object] = []
+
+
+def plain(seen: list[tuple[int, ...]]) -> HostFns:
+    def f32(a: int, b: int) -> int:
+        seen.append((a, b))
+        return a + b
+
+    def f64(a: int) -> int:
+        seen.append((a,))
+        return a * 2
+
+    def none(a: int) -> None:
+        seen.append((a,))
+
+    return {"f32": f32, "f64": f64, "none": none}
+
+
+def test_the_compiled_crossing_is_built_and_used() -> None:
+    # The editable install compiles it; losing it silently would cost ~1 µs a crossing.
+    expected = "ctypes" if os.environ.get("MESHGATE_WASM_CROSSING") == "ctypes" else "compiled"
+    assert CROSSING == expected
+
+
+def test_arguments_and_results_cross_with_their_wasm_types() -> None:
+    seen: list[tuple[int, ...]] = []
+    func = instance(plain(seen))
+    assert func("add")(2, 3) == 5
+    assert func("add")(0xFFFFFFFF, 1) == 0  # i32 wraps, and crosses unsigned
+    assert func("add")(0xFFFFFFFF, 0) == 0xFFFFFFFF
+    assert func("neg64")(5) == -5  # i64 crosses signed
+    assert func("call_f32")(0x80000000, 7) == 0x80000007
+    assert func("call_f64")(-21) == -42
+    assert func("call_none")(9) is None
+    assert seen == [(0x80000000, 7), (-21,), (9,)]
+
+
+def test_a_wrong_argument_count_is_a_type_error_not_a_crash() -> None:
+    func = instance(plain([]))
+    with pytest.raises(TypeError):
+        func("add")(1)
+
+
+def test_a_trap_in_the_guest_raises_and_the_function_stays_usable() -> None:
+    func = instance(plain([]))
+    with pytest.raises(WasmTrap) as trap:
+        func("boom")()
+    assert "unreachable" in trap.value.message
+    assert func("add")(1, 1) == 2
+
+
+def test_a_bad_guest_pointer_answers_the_configured_status() -> None:
+    fns = plain([])
+
+    def bad(a: int, b: int) -> int:
+        raise GuestMemoryError("outside memory")
+
+    fns["f32"] = bad
+    assert instance(fns)("call_f32")(1, 2) == 6
+
+
+def test_a_host_bug_is_logged_and_answered_internal_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fns = plain([])
+
+    def buggy(a: int, b: int) -> int:
+        raise KeyError("oops")
+
+    fns["f32"] = buggy
+    with caplog.at_level(logging.ERROR):
+        assert instance(fns)("call_f32")(1, 2) == 10
+    assert "host function buggy failed" in caplog.text
+
+
+def test_a_host_abort_stops_the_guest_with_the_cause() -> None:
+    fns = plain([])
+
+    def abort(a: int) -> None:
+        raise HostAbort("proc_exit(3)")
+
+    fns["none"] = abort
+    with pytest.raises(WasmTrap) as trap:
+        instance(fns)("call_none")(1)
+    assert isinstance(trap.value.cause, HostAbort)
+    assert "proc_exit(3)" in trap.value.message
+
+
+def test_a_result_of_the_wrong_type_is_a_host_bug_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fns = plain([])
+    fns["f32"] = lambda a, b: "not an int"  # type: ignore[assignment,return-value]
+    with caplog.at_level(logging.ERROR):
+        assert instance(fns)("call_f32")(1, 2) == 10
+
+
+def test_an_epoch_deadline_interrupts_a_spinning_guest() -> None:
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    engine = wasmtime.Engine(config)
+    store = wasmtime.Store(engine)
+    store.set_epoch_deadline(1)
+    spin = wasmtime.Instance(store, wasmtime.Module(engine, SPIN), []).exports(store)["spin"]
+    # Another thread bumps the epoch while the guest spins: the call must release the GIL.
+    timer = threading.Timer(0.05, engine.increment_epoch)
+    timer.start()
+    with pytest.raises(WasmTrap):
+        RawFunc(store, spin, "spin")()
+    timer.join()
