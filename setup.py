@@ -7,6 +7,7 @@ setup(
         Extension(
             "meshgate.gateway.wasm._crossing",
             sources=["meshgate/gateway/wasm/_crossing.c"],
+            depends=["meshgate/gateway/wasm/_fastpaths.h"],
             extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
         )
     ]

@@ -219,11 +219,15 @@ typedef struct {
     PyObject_HEAD
     PyObject *fn;
     PyObject *on_error;  /* on_error(fn, exc) -> (trap_address, status) */
+    PyObject *state;     /* for a fast path: the ProxyWasmImports whose .t is the host */
+    int fast;            /* FAST_* or FAST_NONE */
     Py_ssize_t nparams;
     Py_ssize_t nresults;
     char params[MAX_VALS];
     char result;
 } HostFunction;
+
+#include "_fastpaths.h"
 
 /* wasmtime_func_unchecked_callback_t; env is the HostFunction, kept alive by the
  * linker's owner on the Python side (HostFunctionTable). */
@@ -238,6 +242,15 @@ host_trampoline(void *env, void *caller, raw_val *vals, size_t n)
     PyObject *argv[MAX_VALS];
     Py_ssize_t built = 0;
     PyObject *r = NULL;
+    if (h->fast != FAST_NONE) {
+        int handled = run_fast_path(h, vals);
+        if (handled > 0) {
+            PyGILState_Release(gil);
+            return NULL;
+        }
+        if (handled < 0)
+            goto error;
+    }
     for (; built < h->nparams; built++) {
         argv[built] = load_result(&vals[built], h->params[built]);
         if (argv[built] == NULL)
@@ -302,13 +315,18 @@ error: ;
 static PyObject *
 HostFunction_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"fn", "params", "results", "on_error", NULL};
-    PyObject *fn, *on_error;
+    static char *names[] = {"fn", "params", "results", "on_error", "fast", "state", NULL};
+    PyObject *fn, *on_error, *state = Py_None;
     const char *params, *results;
     Py_ssize_t plen, rlen;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os#s#O", names, &fn, &params, &plen,
-                                     &results, &rlen, &on_error))
+    int fast = FAST_NONE;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Os#s#O|iO", names, &fn, &params, &plen,
+                                     &results, &rlen, &on_error, &fast, &state))
         return NULL;
+    if (fast < FAST_NONE || fast >= FAST_COUNT || (fast != FAST_NONE && state == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "unknown fast path, or one without state");
+        return NULL;
+    }
     if (rlen > 1) {
         PyErr_SetString(PyExc_ValueError, "at most one result");
         return NULL;
@@ -323,6 +341,9 @@ HostFunction_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     self->nparams = plen;
     self->nresults = rlen;
+    self->fast = fast;
+    Py_INCREF(state);
+    self->state = state;
     Py_INCREF(fn);
     self->fn = fn;
     Py_INCREF(on_error);
@@ -335,6 +356,7 @@ HostFunction_traverse(HostFunction *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->fn);
     Py_VISIT(self->on_error);
+    Py_VISIT(self->state);
     return 0;
 }
 
@@ -343,6 +365,7 @@ HostFunction_clear(HostFunction *self)
 {
     Py_CLEAR(self->fn);
     Py_CLEAR(self->on_error);
+    Py_CLEAR(self->state);
     return 0;
 }
 
@@ -380,11 +403,19 @@ static PyTypeObject HostFunctionType = {
     .tp_methods = HostFunction_methods,
 };
 
+static PyMethodDef crossing_methods[] = {
+    {"configure", (PyCFunction)configure, METH_O,
+     "configure(GuestMemoryError): the exception a bad guest pointer raises; fast paths "
+     "stay off until it is set."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef crossing_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "meshgate.gateway.wasm._crossing",
     .m_doc = "Compiled crossings between Python and wasm (calls and host trampolines).",
     .m_size = -1,
+    .m_methods = crossing_methods,
 };
 
 PyMODINIT_FUNC
@@ -392,12 +423,15 @@ PyInit__crossing(void)
 {
     if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0)
         return NULL;
+    if (init_fast_paths() < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&crossing_module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "WasmCall", (PyObject *)&WasmCallType) < 0 ||
         PyModule_AddObjectRef(m, "HostFunction", (PyObject *)&HostFunctionType) < 0 ||
-        PyModule_AddObject(m, "TRAMPOLINE", PyLong_FromVoidPtr((void *)host_trampoline)) < 0) {
+        PyModule_AddObject(m, "TRAMPOLINE", PyLong_FromVoidPtr((void *)host_trampoline)) < 0 ||
+        add_fast_path_names(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -67,6 +67,10 @@ class GuestMemoryError(Exception):
     """A pointer/length pair from the plugin falls outside its linear memory."""
 
 
+if _compiled is not None:
+    _compiled.configure(GuestMemoryError)  # what the compiled fast paths raise
+
+
 class HostAbort(Exception):
     """Raised by a host function to stop the guest with a trap (e.g. WASI ``proc_exit``)."""
 
@@ -324,14 +328,21 @@ class HostFunctionTable:
         self._callbacks: list[Any] = []
 
     def define(self, module: str, name: str, params: str, results: str,
-               fn: HostCallable, on_bad_memory: int = 6) -> None:
+               fn: HostCallable, on_bad_memory: int = 6, state: object = None) -> None:
+        """``state``: the ``ProxyWasmImports`` whose ``t`` is the running host, for the
+        compiled fast path of ``name`` if there is one (``_fastpaths.h``); ``fn`` still
+        answers every case the fast path leaves to it."""
         ty = _functype(params, results)
+        fast = 0
         if callstats.ENABLED:
-            fn = callstats.timed_host(f"{module}.{name}", fn)
+            fn = callstats.timed_host(f"{module}.{name}", fn)  # the probe sees every call
+        elif _compiled is not None and state is not None:
+            fast = _compiled.FAST_PATHS.get(name, 0)
         env: int | None = None
         if _compiled is not None:
             host = _compiled.HostFunction(fn, params, results,
-                                          functools.partial(_host_error, on_bad_memory))
+                                          functools.partial(_host_error, on_bad_memory),
+                                          fast, state if fast else None)
             self._callbacks.append((host, ty))
             env = host.env()
             typed = ctypes.cast(_compiled.TRAMPOLINE, ffi.wasmtime_func_unchecked_callback_t)

@@ -450,4 +450,4 @@ ENV_SIGNATURES: list[tuple[str, str, str]] = [
 def define_env(table: HostFunctionTable, imports: ProxyWasmImports) -> None:
     for name, params, results in ENV_SIGNATURES:
         table.define("env", name, params, results, getattr(imports, name),
-                     on_bad_memory=int(Status.INVALID_MEMORY_ACCESS))
+                     on_bad_memory=int(Status.INVALID_MEMORY_ACCESS), state=imports)

@@ -1,0 +1,533 @@
+/* Compiled fast paths for the host functions a plugin calls on every request
+ * (decision 1000): header value get/replace/add/remove and the clock.
+ *
+ * Each one handles only the common case, exactly as the Python method in imports.py
+ * does, reading the same Python objects (the running host's effective context, its
+ * HeaderMap's `_items` list, the VM's GuestMemory and allocator). Anything else (an
+ * access past the memory size the host last saw, a non-ASCII header name, map types
+ * other than the stream's four, a map with a repeated name that `set` would collapse)
+ * returns FALLBACK before changing anything, and the Python method runs instead.
+ *
+ * Return values: HANDLED (result written), FALLBACK (run the Python method), RAISED
+ * (a Python exception is set: the trampoline's error path decides, as for Python).
+ */
+#include <time.h>
+
+enum {
+    FAST_NONE = 0,
+    FAST_GET_HEADER,
+    FAST_REPLACE_HEADER,
+    FAST_ADD_HEADER,
+    FAST_REMOVE_HEADER,
+    FAST_CURRENT_TIME,
+    FAST_COUNT
+};
+
+enum { HANDLED = 1, FALLBACK = 0, RAISED = -1 };
+
+/* proxy_status_t values answered here. */
+enum { ST_OK = 0, ST_NOT_FOUND = 1 };
+
+#define KEY_MAX 256
+
+static PyObject *s_t, *s_effective, *s_vm, *s_mem, *s_base, *s_size, *s_alloc, *s_call,
+    *s_items, *s_edits, *s_check, *s_maps[4];
+static PyObject *guest_memory_error; /* set by configure(); NULL until then */
+
+static int
+init_fast_paths(void)
+{
+    static const char *maps[4] = {"request_headers", "request_trailers", "response_headers",
+                                  "response_trailers"};
+#define INTERN(var, text) \
+    if ((var = PyUnicode_InternFromString(text)) == NULL) \
+        return -1;
+    INTERN(s_t, "t");
+    INTERN(s_effective, "_effective");
+    INTERN(s_vm, "vm");
+    INTERN(s_mem, "mem");
+    INTERN(s_base, "base");
+    INTERN(s_size, "size");
+    INTERN(s_alloc, "_alloc");
+    INTERN(s_call, "call");
+    INTERN(s_items, "_items");
+    INTERN(s_edits, "edits");
+    INTERN(s_check, "check");
+    for (int i = 0; i < 4; i++)
+        INTERN(s_maps[i], maps[i]);
+#undef INTERN
+    return 0;
+}
+
+static int
+add_fast_path_names(PyObject *m)
+{
+    static const char *names[FAST_COUNT] = {
+        NULL, "proxy_get_header_map_value", "proxy_replace_header_map_value",
+        "proxy_add_header_map_value", "proxy_remove_header_map_value",
+        "proxy_get_current_time_nanoseconds"};
+    PyObject *table = PyDict_New();
+    if (table == NULL)
+        return -1;
+    for (int i = 1; i < FAST_COUNT; i++) {
+        PyObject *v = PyLong_FromLong(i);
+        if (v == NULL || PyDict_SetItemString(table, names[i], v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(table);
+            return -1;
+        }
+        Py_DECREF(v);
+    }
+    return PyModule_AddObject(m, "FAST_PATHS", table);
+}
+
+/* The running plugin's memory and VM. References are new; release with guest_release. */
+typedef struct {
+    PyObject *host, *vm, *mem;
+    uint8_t *base;
+    uint64_t size;
+} Guest;
+
+static void
+guest_release(Guest *g)
+{
+    Py_XDECREF(g->host);
+    Py_XDECREF(g->vm);
+    Py_XDECREF(g->mem);
+}
+
+static int
+read_u64_attr(PyObject *obj, PyObject *name, uint64_t *out)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    return (*out == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static int
+guest_size(Guest *g)
+{
+    uint64_t base;
+    if (read_u64_attr(g->mem, s_base, &base) < 0 || read_u64_attr(g->mem, s_size, &g->size) < 0)
+        return -1;
+    g->base = (uint8_t *)(uintptr_t)base;
+    return 0;
+}
+
+/* 0 on success; FALLBACK with no exception if the objects are not what we expect. */
+static int
+guest_load(HostFunction *h, Guest *g)
+{
+    memset(g, 0, sizeof *g);
+    g->host = PyObject_GetAttr(h->state, s_t);
+    if (g->host == NULL || g->host == Py_None)
+        goto fallback;
+    g->vm = PyObject_GetAttr(g->host, s_vm);
+    if (g->vm == NULL)
+        goto fallback;
+    g->mem = PyObject_GetAttr(g->vm, s_mem);
+    if (g->mem == NULL || guest_size(g) < 0)
+        goto fallback;
+    return 0;
+fallback:
+    PyErr_Clear();
+    guest_release(g);
+    memset(g, 0, sizeof *g);
+    return -1;
+}
+
+static inline int
+in_bounds(const Guest *g, uint64_t ptr, uint64_t len)
+{
+    return ptr + len <= g->size;
+}
+
+static inline void
+put_u32(const Guest *g, uint32_t at, uint32_t value)
+{
+    memcpy(g->base + at, &value, 4); /* wasm memory is little-endian, as x86-64 and arm64 */
+}
+
+/* The effective context's header map `map_type` (0-3): *map is a new reference or NULL
+ * (the context has no such map: NOT_FOUND). FALLBACK for anything else. */
+static int
+effective_map(const Guest *g, uint32_t map_type, PyObject **map)
+{
+    *map = NULL;
+    if (map_type > 3)
+        return FALLBACK;
+    PyObject *ctx = PyObject_GetAttr(g->host, s_effective);
+    if (ctx == NULL) {
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    PyObject *m = PyObject_GetAttr(ctx, s_maps[map_type]);
+    Py_DECREF(ctx);
+    if (m == NULL) { /* a root context: let Python answer */
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    if (m == Py_None) {
+        Py_DECREF(m);
+        return HANDLED;
+    }
+    *map = m;
+    return HANDLED;
+}
+
+/* The lower-cased ASCII header name at [ptr, ptr+len) as a new str, or NULL (FALLBACK:
+ * out of bounds, too long or not ASCII; no exception set unless allocation failed). */
+static PyObject *
+ascii_key(const Guest *g, uint32_t ptr, uint32_t len)
+{
+    char buf[KEY_MAX];
+    if (len > KEY_MAX || !in_bounds(g, ptr, len))
+        return NULL;
+    const uint8_t *src = g->base + ptr;
+    for (uint32_t i = 0; i < len; i++) {
+        uint8_t c = src[i];
+        if (c >= 0x80)
+            return NULL;
+        buf[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+    }
+    return PyUnicode_FromStringAndSize(buf, len);
+}
+
+/* name == key, for a stored name (any str) and a lower-cased ASCII key. */
+static inline int
+same_ascii(PyObject *name, PyObject *key)
+{
+    if (!PyUnicode_Check(name))
+        return 0;
+    if (!PyUnicode_IS_COMPACT_ASCII(name)) { /* rare: compare as Python would */
+        int cmp = PyUnicode_Compare(name, key);
+        if (cmp == -1 && PyErr_Occurred())
+            PyErr_Clear();
+        return cmp == 0;
+    }
+    Py_ssize_t n = PyUnicode_GET_LENGTH(key);
+    return PyUnicode_GET_LENGTH(name) == n &&
+           memcmp(PyUnicode_DATA(name), PyUnicode_DATA(key), (size_t)n) == 0;
+}
+
+/* The HeaderMap's list if every entry is a (str, str) pair; else NULL (FALLBACK). */
+static PyObject *
+map_items(PyObject *map)
+{
+    PyObject *items = PyObject_GetAttr(map, s_items);
+    if (items == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (!PyList_CheckExact(items)) {
+        Py_DECREF(items);
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *kv = PyList_GET_ITEM(items, i);
+        if (!PyTuple_CheckExact(kv) || PyTuple_GET_SIZE(kv) != 2) {
+            Py_DECREF(items);
+            return NULL;
+        }
+    }
+    return items;
+}
+
+static int
+count_edit(PyObject *map)
+{
+    PyObject *edits = PyObject_GetAttr(map, s_edits);
+    if (edits == NULL)
+        return -1;
+    PyObject *one = PyLong_FromLong(1);
+    PyObject *next = one ? PyNumber_Add(edits, one) : NULL;
+    Py_DECREF(edits);
+    Py_XDECREF(one);
+    if (next == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(map, s_edits, next);
+    Py_DECREF(next);
+    return rc;
+}
+
+static void
+set_status(raw_val *vals, int status)
+{
+    vals[0].i64 = 0;
+    vals[0].i32 = status;
+}
+
+/* VM.copy_out: allocate in the guest (its malloc, a nested call), copy, write the
+ * pointer and size. Bounds of the return slots were checked by the caller. */
+static int
+copy_out(Guest *g, const char *data, Py_ssize_t n, uint32_t ret_ptr, uint32_t ret_size)
+{
+    if (n == 0) {
+        put_u32(g, ret_ptr, 0);
+        put_u32(g, ret_size, 0);
+        return 0;
+    }
+    PyObject *alloc = PyObject_GetAttr(g->vm, s_alloc);
+    if (alloc == NULL)
+        return -1;
+    PyObject *call = alloc == Py_None ? NULL : PyObject_GetAttr(alloc, s_call);
+    Py_DECREF(alloc);
+    if (call == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(guest_memory_error, "plugin exports no malloc");
+        return -1;
+    }
+    PyObject *size = PyLong_FromSsize_t(n);
+    PyObject *r = size ? PyObject_CallOneArg(call, size) : NULL;
+    Py_DECREF(call);
+    Py_XDECREF(size);
+    if (r == NULL)
+        return -1; /* the allocator trapped: the guest stops, as from Python */
+    uint64_t ptr = PyLong_AsUnsignedLongLong(r);
+    Py_DECREF(r);
+    if (ptr == (uint64_t)-1 && PyErr_Occurred())
+        return -1;
+    if (ptr == 0) {
+        put_u32(g, ret_ptr, 0);
+        put_u32(g, ret_size, 0);
+        PyErr_Format(guest_memory_error, "plugin allocator returned NULL for %zd bytes", n);
+        return -1;
+    }
+    if (!in_bounds(g, ptr, (uint64_t)n)) { /* the allocator may have grown memory */
+        PyObject *at = PyLong_FromUnsignedLongLong(ptr), *len = PyLong_FromSsize_t(n);
+        PyObject *rc = at && len ? PyObject_CallMethodObjArgs(g->mem, s_check, at, len, NULL)
+                                 : NULL;
+        Py_XDECREF(at);
+        Py_XDECREF(len);
+        if (rc == NULL)
+            return -1;
+        Py_DECREF(rc);
+        if (guest_size(g) < 0)
+            return -1;
+    }
+    memcpy(g->base + ptr, data, (size_t)n);
+    put_u32(g, ret_ptr, (uint32_t)ptr);
+    put_u32(g, ret_size, (uint32_t)n);
+    return 0;
+}
+
+/* proxy_get_header_map_value(map_type, key_ptr, key_size, ret_ptr, ret_size) */
+static int
+fast_get_header(Guest *g, raw_val *vals)
+{
+    uint32_t ret_ptr = (uint32_t)vals[3].i32, ret_size = (uint32_t)vals[4].i32;
+    PyObject *map;
+    if (effective_map(g, (uint32_t)vals[0].i32, &map) == FALLBACK)
+        return FALLBACK;
+    if (map == NULL) {
+        set_status(vals, ST_NOT_FOUND);
+        return HANDLED;
+    }
+    PyObject *key = ascii_key(g, (uint32_t)vals[1].i32, (uint32_t)vals[2].i32);
+    PyObject *items = key ? map_items(map) : NULL;
+    Py_DECREF(map);
+    if (items == NULL) {
+        Py_XDECREF(key);
+        return PyErr_Occurred() ? RAISED : FALLBACK;
+    }
+    PyObject *value = NULL;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *kv = PyList_GET_ITEM(items, i);
+        if (same_ascii(PyTuple_GET_ITEM(kv, 0), key)) {
+            value = PyTuple_GET_ITEM(kv, 1);
+            break;
+        }
+    }
+    Py_DECREF(key);
+    if (value == NULL) {
+        Py_DECREF(items);
+        set_status(vals, ST_NOT_FOUND);
+        return HANDLED;
+    }
+    Py_INCREF(value);
+    Py_DECREF(items);
+    Py_ssize_t len;
+    const char *data = PyUnicode_Check(value) ? PyUnicode_AsUTF8AndSize(value, &len) : NULL;
+    if (data == NULL || !in_bounds(g, ret_ptr, 4) || !in_bounds(g, ret_size, 4)) {
+        Py_DECREF(value);
+        PyErr_Clear();
+        return FALLBACK; /* nothing allocated yet: Python answers (or raises) the same */
+    }
+    int rc = copy_out(g, data, len, ret_ptr, ret_size);
+    Py_DECREF(value);
+    if (rc < 0)
+        return RAISED;
+    set_status(vals, ST_OK);
+    return HANDLED;
+}
+
+/* The map and lower-cased key of a header edit; FALLBACK/HANDLED as effective_map. */
+static int
+edit_target(Guest *g, raw_val *vals, PyObject **map, PyObject **key, PyObject **items)
+{
+    *key = *items = NULL;
+    if (effective_map(g, (uint32_t)vals[0].i32, map) == FALLBACK)
+        return FALLBACK;
+    if (*map == NULL) {
+        set_status(vals, ST_NOT_FOUND);
+        return HANDLED;
+    }
+    *key = ascii_key(g, (uint32_t)vals[1].i32, (uint32_t)vals[2].i32);
+    *items = *key ? map_items(*map) : NULL;
+    if (*items == NULL) {
+        Py_CLEAR(*map);
+        Py_CLEAR(*key);
+        return FALLBACK;
+    }
+    return HANDLED;
+}
+
+/* read_str: the guest's bytes as text, invalid UTF-8 replaced. */
+static PyObject *
+guest_text(const Guest *g, uint32_t ptr, uint32_t len)
+{
+    if (!in_bounds(g, ptr, len))
+        return NULL;
+    return PyUnicode_DecodeUTF8((const char *)g->base + ptr, len, "replace");
+}
+
+/* proxy_{replace,add}_header_map_value(map_type, key_ptr, key_size, value_ptr, value_size) */
+static int
+fast_set_header(Guest *g, raw_val *vals, int add)
+{
+    PyObject *map, *key, *items;
+    if (edit_target(g, vals, &map, &key, &items) == FALLBACK)
+        return PyErr_Occurred() ? RAISED : FALLBACK;
+    if (map == NULL)
+        return HANDLED;
+    int result = FALLBACK;
+    PyObject *value = guest_text(g, (uint32_t)vals[3].i32, (uint32_t)vals[4].i32);
+    if (value == NULL)
+        goto done;
+    Py_ssize_t n = PyList_GET_SIZE(items), first = -1;
+    for (Py_ssize_t i = 0; !add && i < n; i++) {
+        if (same_ascii(PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0), key)) {
+            if (first >= 0)
+                goto done; /* a repeated name: HeaderMap.set collapses it */
+            first = i;
+        }
+    }
+    result = RAISED;
+    if (count_edit(map) < 0)
+        goto done;
+    if (first >= 0) {
+        PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(items, first), 0);
+        PyObject *pair = PyTuple_Pack(2, name, value);
+        if (pair == NULL)
+            goto done;
+        PyList_SetItem(items, first, pair); /* steals pair */
+    } else {
+        PyObject *pair = PyTuple_Pack(2, key, value);
+        if (pair == NULL)
+            goto done;
+        int rc = PyList_Append(items, pair);
+        Py_DECREF(pair);
+        if (rc < 0)
+            goto done;
+    }
+    set_status(vals, ST_OK);
+    result = HANDLED;
+done:
+    if (result == FALLBACK)
+        PyErr_Clear();
+    Py_XDECREF(value);
+    Py_DECREF(items);
+    Py_DECREF(key);
+    Py_DECREF(map);
+    return result;
+}
+
+/* proxy_remove_header_map_value(map_type, key_ptr, key_size) */
+static int
+fast_remove_header(Guest *g, raw_val *vals)
+{
+    PyObject *map, *key, *items;
+    if (edit_target(g, vals, &map, &key, &items) == FALLBACK)
+        return PyErr_Occurred() ? RAISED : FALLBACK;
+    if (map == NULL)
+        return HANDLED;
+    int result = RAISED;
+    Py_ssize_t n = PyList_GET_SIZE(items);
+    PyObject *kept = PyList_New(0);
+    if (kept == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *kv = PyList_GET_ITEM(items, i);
+        if (!same_ascii(PyTuple_GET_ITEM(kv, 0), key) && PyList_Append(kept, kv) < 0)
+            goto done;
+    }
+    if (count_edit(map) < 0 || PyObject_SetAttr(map, s_items, kept) < 0)
+        goto done;
+    set_status(vals, ST_OK);
+    result = HANDLED;
+done:
+    Py_XDECREF(kept);
+    Py_DECREF(items);
+    Py_DECREF(key);
+    Py_DECREF(map);
+    return result;
+}
+
+/* proxy_get_current_time_nanoseconds(ret_time): time.time_ns() */
+static int
+fast_current_time(Guest *g, raw_val *vals)
+{
+    uint32_t at = (uint32_t)vals[0].i32;
+    struct timespec ts;
+    if (!in_bounds(g, at, 8) || clock_gettime(CLOCK_REALTIME, &ts) != 0)
+        return FALLBACK;
+    uint64_t ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    memcpy(g->base + at, &ns, 8);
+    set_status(vals, ST_OK);
+    return HANDLED;
+}
+
+static int
+run_fast_path(HostFunction *h, raw_val *vals)
+{
+    Guest g;
+    if (guest_memory_error == NULL || guest_load(h, &g) < 0)
+        return FALLBACK;
+    int rc = FALLBACK;
+    switch (h->fast) {
+    case FAST_GET_HEADER:
+        rc = fast_get_header(&g, vals);
+        break;
+    case FAST_REPLACE_HEADER:
+        rc = fast_set_header(&g, vals, 0);
+        break;
+    case FAST_ADD_HEADER:
+        rc = fast_set_header(&g, vals, 1);
+        break;
+    case FAST_REMOVE_HEADER:
+        rc = fast_remove_header(&g, vals);
+        break;
+    case FAST_CURRENT_TIME:
+        rc = fast_current_time(&g, vals);
+        break;
+    }
+    guest_release(&g);
+    return rc;
+}
+
+static PyObject *
+configure(PyObject *module, PyObject *error_class)
+{
+    if (!PyExceptionClass_Check(error_class)) {
+        PyErr_SetString(PyExc_TypeError, "configure() takes the GuestMemoryError class");
+        return NULL;
+    }
+    Py_INCREF(error_class);
+    Py_XSETREF(guest_memory_error, error_class);
+    Py_RETURN_NONE;
+}

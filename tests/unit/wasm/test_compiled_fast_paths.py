@@ -1,0 +1,114 @@
+"""The compiled fast paths of the per-request host functions (decision 1000).
+
+Their answers are checked by every host-function test (tests/unit/wasm/test_hostcalls.py
+runs through them by default). Here: the common cases really stay in C, and the cases
+they leave to Python (non-ASCII names, repeated names, pointers past the memory the host
+last mapped) give the same results as the Python methods.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from meshgate.gateway.wasm import HeaderMap, StreamInfo
+from meshgate.gateway.wasm._rawcall import CROSSING
+from meshgate.gateway.wasm.imports import ProxyWasmImports
+
+from .conftest import call_in
+from .wat import SLOT_PTR, SLOT_SIZE, plugin
+
+pytestmark = pytest.mark.skipif(CROSSING != "compiled", reason="the ctypes crossing has none")
+
+ARG, ARG2 = 512, 768
+FAST = ("proxy_get_header_map_value", "proxy_replace_header_map_value",
+        "proxy_add_header_map_value", "proxy_remove_header_map_value",
+        "proxy_get_current_time_nanoseconds")
+
+
+@pytest.fixture
+async def counted(load: Any, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Counter[str]]:
+    """A probe plugin whose Python host functions count their calls (the fallbacks).
+    Patched before the import table is linked: the table binds the methods then."""
+    calls: Counter[str] = Counter()
+    for name in FAST:
+        original = getattr(ProxyWasmImports, name)
+
+        def wrapper(self: Any, *args: int, _name: str = name, _fn: Any = original) -> Any:
+            calls[_name] += 1
+            return _fn(self, *args)
+
+        monkeypatch.setattr(ProxyWasmImports, name, wrapper)
+    return await load(plugin()), calls
+
+
+def put(host: Any, addr: int, data: bytes) -> tuple[int, int]:
+    host.vm.mem.write(addr, data)
+    return addr, len(data)
+
+
+def returned(host: Any) -> bytes:
+    mem = host.vm.mem
+    return mem.read(mem.read_u32(SLOT_PTR), mem.read_u32(SLOT_SIZE))
+
+
+def stream_with(host: Any, headers: list[tuple[str, str]]) -> Any:
+    stream = host.new_stream(StreamInfo())
+    stream.ctx.request_headers = HeaderMap(headers)
+    return stream.ctx
+
+
+async def test_the_common_cases_never_reach_python(counted: Any) -> None:
+    probe, calls = counted
+    ctx = stream_with(probe, [(":path", "/a"), ("X-Api-Key", "k1"), ("b", "ü")])
+    key, b = put(probe, ARG, b"x-API-key"), put(probe, ARG + 32, b"b")
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *key, SLOT_PTR, SLOT_SIZE) == 0
+    assert returned(probe) == b"k1"
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *b, SLOT_PTR, SLOT_SIZE) == 0
+    assert returned(probe) == "ü".encode()
+    value = put(probe, ARG2, b"caf\xc3\xa9 \xff")  # invalid UTF-8 is replaced, as read_str does
+    assert call_in(probe, ctx, "proxy_replace_header_map_value", 0, *b, *value) == 0
+    assert call_in(probe, ctx, "proxy_add_header_map_value", 0, *key, *value) == 0
+    assert call_in(probe, ctx, "proxy_remove_header_map_value", 0, *put(probe, ARG + 64,
+                                                                           b":PATH")) == 0
+    assert ctx.request_headers.items() == [("x-api-key", "k1"), ("b", "café \ufffd"),
+                                           ("x-api-key", "café \ufffd")]
+    assert ctx.request_headers.edits == 3
+    assert call_in(probe, ctx, "proxy_get_current_time_nanoseconds", ARG) == 0
+    assert struct.unpack("<Q", probe.vm.mem.read(ARG, 8))[0] > 1_700_000_000 * 10**9
+    missing = put(probe, ARG, b"x-none")
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *missing, SLOT_PTR,
+                   SLOT_SIZE) == 1
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 2, *missing, SLOT_PTR,
+                   SLOT_SIZE) == 1  # no response headers yet
+    assert sum(calls.values()) == 0
+
+
+async def test_uncommon_cases_fall_back_to_python_with_the_same_result(counted: Any) -> None:
+    probe, calls = counted
+    ctx = stream_with(probe, [("é", "1"), ("a", "1"), ("a", "2"), ("c", "3")])
+    accented, a = put(probe, ARG, "É".encode()), put(probe, ARG + 16, b"A")
+    v = put(probe, ARG2, b"x")
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *accented, SLOT_PTR,
+                   SLOT_SIZE) == 0  # Python lower-cases non-ASCII names too
+    assert returned(probe) == b"1"
+    assert call_in(probe, ctx, "proxy_replace_header_map_value", 0, *a, *v) == 0
+    assert ctx.request_headers.items() == [("é", "1"), ("a", "x"), ("c", "3")]
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, 0xFFFFFFF0, 4, SLOT_PTR,
+                   SLOT_SIZE) == 6  # INVALID_MEMORY_ACCESS
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 9, *a, SLOT_PTR,
+                   SLOT_SIZE) == 2  # BAD_ARGUMENT: past the last map type
+    assert calls == Counter({"proxy_get_header_map_value": 3,
+                             "proxy_replace_header_map_value": 1})
+
+
+async def test_a_value_handed_out_after_the_allocator_grew_memory(counted: Any) -> None:
+    probe, _ = counted
+    big = "v" * (3 << 20)  # more than the probe's memory: its malloc must grow it
+    ctx = stream_with(probe, [("x-big", big)])
+    key = put(probe, ARG, b"x-big")
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *key, SLOT_PTR, SLOT_SIZE) == 0
+    assert returned(probe) == big.encode()
