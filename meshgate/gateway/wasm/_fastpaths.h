@@ -20,18 +20,22 @@ enum {
     FAST_ADD_HEADER,
     FAST_REMOVE_HEADER,
     FAST_CURRENT_TIME,
+    FAST_INCREMENT_METRIC,
+    FAST_GET_SHARED_DATA,
+    FAST_SET_SHARED_DATA,
     FAST_COUNT
 };
 
 enum { HANDLED = 1, FALLBACK = 0, RAISED = -1 };
 
 /* proxy_status_t values answered here. */
-enum { ST_OK = 0, ST_NOT_FOUND = 1 };
+enum { ST_OK = 0, ST_NOT_FOUND = 1, ST_BAD_ARGUMENT = 2, ST_CAS_MISMATCH = 8 };
 
 #define KEY_MAX 256
 
 static PyObject *s_t, *s_effective, *s_vm, *s_mem, *s_base, *s_size, *s_alloc, *s_call,
-    *s_items, *s_edits, *s_check, *s_maps[4];
+    *s_items, *s_edits, *s_check, *s_maps[4], *s_services, *s_metrics, *s_metrics_table,
+    *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity, *s_vm_id;
 static PyObject *guest_memory_error; /* set by configure(); NULL until then */
 
 static int
@@ -53,6 +57,16 @@ init_fast_paths(void)
     INTERN(s_items, "_items");
     INTERN(s_edits, "edits");
     INTERN(s_check, "check");
+    INTERN(s_services, "services");
+    INTERN(s_metrics, "metrics");
+    INTERN(s_metrics_table, "_metrics");
+    INTERN(s_type, "type");
+    INTERN(s_value, "value");
+    INTERN(s_shared_data, "shared_data");
+    INTERN(s_data, "_data");
+    INTERN(s_next_cas, "_next_cas");
+    INTERN(s_identity, "identity");
+    INTERN(s_vm_id, "vm_id");
     for (int i = 0; i < 4; i++)
         INTERN(s_maps[i], maps[i]);
 #undef INTERN
@@ -65,7 +79,8 @@ add_fast_path_names(PyObject *m)
     static const char *names[FAST_COUNT] = {
         NULL, "proxy_get_header_map_value", "proxy_replace_header_map_value",
         "proxy_add_header_map_value", "proxy_remove_header_map_value",
-        "proxy_get_current_time_nanoseconds"};
+        "proxy_get_current_time_nanoseconds", "proxy_increment_metric",
+        "proxy_get_shared_data", "proxy_set_shared_data"};
     PyObject *table = PyDict_New();
     if (table == NULL)
         return -1;
@@ -492,6 +507,219 @@ fast_current_time(Guest *g, raw_val *vals)
     return HANDLED;
 }
 
+/* getattr(getattr(obj, a), b) as a new reference, or NULL with the error cleared. */
+static PyObject *
+attr2(PyObject *obj, PyObject *a, PyObject *b)
+{
+    PyObject *mid = PyObject_GetAttr(obj, a);
+    PyObject *r = mid ? PyObject_GetAttr(mid, b) : NULL;
+    Py_XDECREF(mid);
+    if (r == NULL)
+        PyErr_Clear();
+    return r;
+}
+
+/* proxy_increment_metric(metric_id, delta): MetricStore.increment */
+static int
+fast_increment_metric(Guest *g, raw_val *vals)
+{
+    PyObject *store = attr2(g->host, s_services, s_metrics);
+    PyObject *table = store ? PyObject_GetAttr(store, s_metrics_table) : NULL;
+    Py_XDECREF(store);
+    if (table == NULL || !PyDict_CheckExact(table)) {
+        Py_XDECREF(table);
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    PyObject *id = PyLong_FromUnsignedLong((uint32_t)vals[0].i32);
+    PyObject *metric = id ? PyDict_GetItemWithError(table, id) : NULL; /* borrowed */
+    Py_XDECREF(id);
+    Py_XINCREF(metric);
+    Py_DECREF(table);
+    if (metric == NULL) {
+        if (PyErr_Occurred())
+            return RAISED;
+        set_status(vals, ST_NOT_FOUND);
+        return HANDLED;
+    }
+    int result = FALLBACK;
+    PyObject *type = PyObject_GetAttr(metric, s_type), *value = NULL, *sum = NULL,
+             *delta = NULL;
+    long kind = type ? PyLong_AsLong(type) : -1;
+    if (kind == -1 && PyErr_Occurred())
+        goto done;
+    if (kind != 0 && kind != 1) { /* histograms are recorded, not incremented */
+        set_status(vals, ST_BAD_ARGUMENT);
+        result = HANDLED;
+        goto done;
+    }
+    if (kind == 0 && vals[1].i64 < 0) { /* counters only go up */
+        set_status(vals, ST_BAD_ARGUMENT);
+        result = HANDLED;
+        goto done;
+    }
+    value = PyObject_GetAttr(metric, s_value);
+    delta = PyLong_FromLongLong(vals[1].i64);
+    sum = value && delta ? PyNumber_Add(value, delta) : NULL;
+    if (sum == NULL || PyObject_SetAttr(metric, s_value, sum) < 0) {
+        result = RAISED;
+        goto done;
+    }
+    set_status(vals, ST_OK);
+    result = HANDLED;
+done:
+    if (result == FALLBACK)
+        PyErr_Clear();
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(delta);
+    Py_XDECREF(sum);
+    Py_DECREF(metric);
+    return result;
+}
+
+/* The SharedDataStore's dict and the (vm_id, key) tuple for a key in guest memory. */
+static int
+shared_entry(Guest *g, uint32_t key_ptr, uint32_t key_size, PyObject **store, PyObject **data,
+             PyObject **key)
+{
+    *store = *data = *key = NULL;
+    if (!in_bounds(g, key_ptr, key_size))
+        return FALLBACK;
+    PyObject *vm_id = attr2(g->host, s_identity, s_vm_id);
+    *store = attr2(g->host, s_services, s_shared_data);
+    *data = *store ? PyObject_GetAttr(*store, s_data) : NULL;
+    PyObject *name = PyBytes_FromStringAndSize((const char *)g->base + key_ptr, key_size);
+    if (vm_id && name)
+        *key = PyTuple_Pack(2, vm_id, name);
+    Py_XDECREF(vm_id);
+    Py_XDECREF(name);
+    if (*key == NULL || *data == NULL || !PyDict_CheckExact(*data)) {
+        Py_CLEAR(*store);
+        Py_CLEAR(*data);
+        Py_CLEAR(*key);
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    return HANDLED;
+}
+
+/* A stored (value: bytes, cas: int) pair, or NULL. */
+static int
+shared_pair(PyObject *entry, PyObject **value, uint64_t *cas)
+{
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 2 ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(entry, 0)))
+        return -1;
+    *value = PyTuple_GET_ITEM(entry, 0);
+    *cas = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(entry, 1));
+    if (*cas == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 0;
+}
+
+/* proxy_get_shared_data(key_ptr, key_size, ret_ptr, ret_size, ret_cas) */
+static int
+fast_get_shared_data(Guest *g, raw_val *vals)
+{
+    uint32_t ret_ptr = (uint32_t)vals[2].i32, ret_size = (uint32_t)vals[3].i32,
+             ret_cas = (uint32_t)vals[4].i32;
+    PyObject *store, *data, *key;
+    if (shared_entry(g, (uint32_t)vals[0].i32, (uint32_t)vals[1].i32, &store, &data, &key) ==
+        FALLBACK)
+        return FALLBACK;
+    int result = FALLBACK;
+    PyObject *entry = PyDict_GetItemWithError(data, key); /* borrowed */
+    if (entry == NULL) {
+        if (PyErr_Occurred()) {
+            result = RAISED;
+        } else {
+            set_status(vals, ST_NOT_FOUND);
+            result = HANDLED;
+        }
+        goto done;
+    }
+    PyObject *value;
+    uint64_t cas;
+    if (shared_pair(entry, &value, &cas) < 0 || !in_bounds(g, ret_cas, 4) ||
+        !in_bounds(g, ret_ptr, 4) || !in_bounds(g, ret_size, 4))
+        goto done;
+    Py_INCREF(value); /* the allocator below may run anything */
+    put_u32(g, ret_cas, (uint32_t)cas);
+    int rc = copy_out(g, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), ret_ptr, ret_size);
+    Py_DECREF(value);
+    if (rc < 0) {
+        result = RAISED;
+        goto done;
+    }
+    set_status(vals, ST_OK);
+    result = HANDLED;
+done:
+    Py_DECREF(store);
+    Py_DECREF(data);
+    Py_DECREF(key);
+    return result;
+}
+
+/* proxy_set_shared_data(key_ptr, key_size, value_ptr, value_size, cas):
+ * SharedDataStore.set, CAS values from the store's one counter (never 0). */
+static int
+fast_set_shared_data(Guest *g, raw_val *vals)
+{
+    uint32_t value_ptr = (uint32_t)vals[2].i32, value_size = (uint32_t)vals[3].i32,
+             cas = (uint32_t)vals[4].i32;
+    if (!in_bounds(g, value_ptr, value_size))
+        return FALLBACK;
+    PyObject *store, *data, *key;
+    if (shared_entry(g, (uint32_t)vals[0].i32, (uint32_t)vals[1].i32, &store, &data, &key) ==
+        FALLBACK)
+        return FALLBACK;
+    int result = RAISED;
+    PyObject *next = NULL, *following = NULL, *value = NULL, *entry = NULL;
+    PyObject *current = PyDict_GetItemWithError(data, key); /* borrowed */
+    if (current == NULL && PyErr_Occurred())
+        goto done;
+    if (current != NULL && cas) {
+        PyObject *stored;
+        uint64_t stored_cas;
+        if (shared_pair(current, &stored, &stored_cas) < 0) {
+            result = FALLBACK;
+            goto done;
+        }
+        if (stored_cas != cas) {
+            set_status(vals, ST_CAS_MISMATCH);
+            result = HANDLED;
+            goto done;
+        }
+    }
+    next = PyObject_GetAttr(store, s_next_cas);
+    uint64_t n = next ? PyLong_AsUnsignedLongLong(next) : (uint64_t)-1;
+    if (n == (uint64_t)-1 && PyErr_Occurred())
+        goto done;
+    uint64_t after = (n + 1) & 0xFFFFFFFFu;
+    following = PyLong_FromUnsignedLongLong(after ? after : 1);
+    value = PyBytes_FromStringAndSize((const char *)g->base + value_ptr, value_size);
+    entry = value && next ? PyTuple_Pack(2, value, next) : NULL;
+    if (following == NULL || entry == NULL || PyDict_SetItem(data, key, entry) < 0 ||
+        PyObject_SetAttr(store, s_next_cas, following) < 0)
+        goto done;
+    set_status(vals, ST_OK);
+    result = HANDLED;
+done:
+    if (result == FALLBACK)
+        PyErr_Clear();
+    Py_XDECREF(next);
+    Py_XDECREF(following);
+    Py_XDECREF(value);
+    Py_XDECREF(entry);
+    Py_DECREF(store);
+    Py_DECREF(data);
+    Py_DECREF(key);
+    return result;
+}
+
 static int
 run_fast_path(HostFunction *h, raw_val *vals)
 {
@@ -514,6 +742,15 @@ run_fast_path(HostFunction *h, raw_val *vals)
         break;
     case FAST_CURRENT_TIME:
         rc = fast_current_time(&g, vals);
+        break;
+    case FAST_INCREMENT_METRIC:
+        rc = fast_increment_metric(&g, vals);
+        break;
+    case FAST_GET_SHARED_DATA:
+        rc = fast_get_shared_data(&g, vals);
+        break;
+    case FAST_SET_SHARED_DATA:
+        rc = fast_set_shared_data(&g, vals);
         break;
     }
     guest_release(&g);

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from meshgate.gateway.wasm import HeaderMap, StreamInfo
+from meshgate.gateway.wasm.abi import MetricType
 from meshgate.gateway.wasm._rawcall import CROSSING
 from meshgate.gateway.wasm.imports import ProxyWasmImports
 
@@ -26,7 +27,8 @@ pytestmark = pytest.mark.skipif(CROSSING != "compiled", reason="the ctypes cross
 ARG, ARG2 = 512, 768
 FAST = ("proxy_get_header_map_value", "proxy_replace_header_map_value",
         "proxy_add_header_map_value", "proxy_remove_header_map_value",
-        "proxy_get_current_time_nanoseconds")
+        "proxy_get_current_time_nanoseconds", "proxy_increment_metric",
+        "proxy_get_shared_data", "proxy_set_shared_data")
 
 
 @pytest.fixture
@@ -112,3 +114,32 @@ async def test_a_value_handed_out_after_the_allocator_grew_memory(counted: Any) 
     key = put(probe, ARG, b"x-big")
     assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *key, SLOT_PTR, SLOT_SIZE) == 0
     assert returned(probe) == big.encode()
+
+
+async def test_metrics_and_shared_data_stay_in_c_with_python_semantics(counted: Any) -> None:
+    probe, calls = counted
+    metrics = probe.services.metrics
+    _, counter = metrics.define(int(MetricType.COUNTER), "fast_hits")
+    _, gauge = metrics.define(int(MetricType.GAUGE), "fast_open")
+    _, histogram = metrics.define(int(MetricType.HISTOGRAM), "fast_sizes")
+    root = probe.root
+    assert call_in(probe, root, "proxy_increment_metric", counter, 3) == 0
+    assert call_in(probe, root, "proxy_increment_metric", counter, -1) == 2
+    assert call_in(probe, root, "proxy_increment_metric", gauge, -2) == 0
+    assert call_in(probe, root, "proxy_increment_metric", histogram, 1) == 2
+    assert call_in(probe, root, "proxy_increment_metric", 999_999, 1) == 1
+    assert metrics.get(counter) == (0, 3)
+    assert metrics.get(gauge) == (0, -2)
+
+    key, value = put(probe, ARG, b"bucket"), put(probe, ARG2, b"v1")
+    slot = ARG + 100  # where get_shared_data writes the cas
+    assert call_in(probe, root, "proxy_get_shared_data", *key, SLOT_PTR, SLOT_SIZE, slot) == 1
+    assert call_in(probe, root, "proxy_set_shared_data", *key, *value, 0) == 0
+    assert call_in(probe, root, "proxy_get_shared_data", *key, SLOT_PTR, SLOT_SIZE, slot) == 0
+    assert returned(probe) == b"v1"
+    cas = probe.vm.mem.read_u32(slot)
+    v2 = put(probe, ARG2, b"v2")
+    assert call_in(probe, root, "proxy_set_shared_data", *key, *v2, cas + 1) == 8  # mismatch
+    assert call_in(probe, root, "proxy_set_shared_data", *key, *v2, cas) == 0
+    assert probe.services.shared_data.get(probe.identity.vm_id, b"bucket") == (b"v2", cas + 1)
+    assert sum(calls.values()) == 0
