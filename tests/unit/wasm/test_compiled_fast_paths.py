@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from meshgate.gateway.wasm import HeaderMap, StreamInfo
-from meshgate.gateway.wasm.abi import MetricType
 from meshgate.gateway.wasm._rawcall import CROSSING
+from meshgate.gateway.wasm.abi import MetricType
 from meshgate.gateway.wasm.imports import ProxyWasmImports
 
 from .conftest import call_in
