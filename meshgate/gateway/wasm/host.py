@@ -32,7 +32,7 @@ from .imports import ENV_SIGNATURES, ProxyWasmImports, define_env
 from .properties import PluginIdentity
 from .services import ForeignCall, HostServices
 from .stream import HttpStream
-from .vm import PluginVM, VMLoadError
+from .vm import PluginVM, VMLoadError, module_export_names
 from .wasi import WASI_SIGNATURES, WasiImports, define_wasi
 
 log = logging.getLogger("meshgate.gateway.wasm")
@@ -59,6 +59,7 @@ class PluginHost:
         self.spec = spec
         self.services = services
         self.module = module
+        self.module_exports = module_export_names(module)  # once, not per VM (re)start
         self.module_from_cache = from_cache
         self.identity = PluginIdentity(spec.name, spec.root_id, spec.vm_id,
                                        services.node_id, services.node_cluster)
@@ -88,9 +89,13 @@ class PluginHost:
         Raises ``PluginLoadError`` naming the plugin, its sha256 prefix and the cause.
         """
         services.start()
+        cache = services.module_cache
         try:
-            module, cached = await asyncio.to_thread(
-                services.module_cache.load, services.engine, spec.sha256, spec.wasm)
+            module = cache.cached(services.engine, spec.sha256)
+            cached = module is not None
+            if module is None:
+                module = await asyncio.to_thread(
+                    cache.compile, services.engine, spec.sha256, spec.wasm)
         except wasmtime.WasmtimeError as exc:
             raise _load_error(spec, f"not a valid wasm module: {exc}") from exc
         _check_imports(spec, module)
@@ -111,7 +116,7 @@ class PluginHost:
         try:
             self.vm = PluginVM(self.services.engine, self.module, self._linker,
                                self.services.memory_limit_bytes, self.services.deadline_ticks,
-                               self.services.epoch_clock)
+                               self.services.epoch_clock, self.module_exports)
             self.vm.start()
             self._invoke(self.root, "proxy_on_context_create", ROOT_CONTEXT_ID, 0)
             if self._invoke(self.root, "proxy_on_vm_start", ROOT_CONTEXT_ID,

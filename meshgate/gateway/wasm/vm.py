@@ -7,7 +7,7 @@ import struct
 import wasmtime
 
 from . import callstats as _callstats
-from ._rawcall import GuestMemory, GuestMemoryError, RawFunc, WasmTrap
+from ._rawcall import GuestMemory, GuestMemoryError, RawFunc, WasmTrap, instance_export
 from ._rawcall import set_epoch_deadline as _set_deadline
 from .abi import ABI_MARKERS
 
@@ -16,6 +16,11 @@ _pack_u32 = struct.Struct("<I").pack_into
 
 class VMLoadError(Exception):
     """The module cannot become a proxy-wasm VM (no ABI marker, no memory, start trapped)."""
+
+
+def module_export_names(module: wasmtime.Module) -> frozenset[str]:
+    """What a module exports, by name (a plugin host computes it once per module)."""
+    return frozenset(e.name for e in module.exports)
 
 
 class PluginVM:
@@ -31,8 +36,9 @@ class PluginVM:
 
     def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module,
                  linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int,
-                 epoch_clock: object | None = None) -> None:
-        exports = {e.name for e in module.exports}
+                 epoch_clock: object | None = None,
+                 export_names: frozenset[str] | None = None) -> None:
+        exports = export_names if export_names is not None else module_export_names(module)
         if not any(m in exports for m in ABI_MARKERS):
             raise VMLoadError("Missing or unknown Proxy-Wasm ABI version "
                               f"(no export {' or '.join(ABI_MARKERS)})")
@@ -48,12 +54,12 @@ class PluginVM:
             instance = linker.instantiate(self.store, module)
         except wasmtime.Trap as exc:
             raise WasmTrap(exc.message) from exc
-        found = instance.exports(self.store)
-        memory = found.get("memory")
+        self._instance = instance
+        self._export_names = exports
+        memory = instance_export(self.store, instance, "memory")
         if not isinstance(memory, wasmtime.Memory):
             raise VMLoadError("module exports no linear memory named 'memory'")
         self.mem = GuestMemory(self.store, memory)
-        self._exports = found
         # RawFuncs are built on first use: a plugin exports dozens of functions and a
         # cached start should not pay for the ones no request calls.
         self.funcs: dict[str, RawFunc | None] = {}
@@ -64,7 +70,8 @@ class PluginVM:
         try:
             return self.funcs[name]
         except KeyError:
-            f = self._exports.get(name)
+            f = (instance_export(self.store, self._instance, name)
+                 if name in self._export_names else None)
             raw = RawFunc(self.store, f, name) if isinstance(f, wasmtime.Func) else None
             self.funcs[name] = raw
             return raw
