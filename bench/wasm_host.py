@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import wasmtime
+from opentelemetry.sdk.trace import TracerProvider
 
 from meshgate.gateway.wasm import HeaderMap, HostServices, PluginHost, PluginSpec, StreamInfo
 from meshgate.gateway.wasm.shared import SharedDataStore
@@ -152,7 +153,9 @@ async def start_times(spec: PluginSpec, cache_dir: Path) -> tuple[float, float, 
 def new_services(tracing: bool, cache_dir: Path | None = None) -> HostServices:
     services = HostServices(module_cache_dir=cache_dir)
     if tracing:
-        services.foreign_functions.update(WasiTracing().functions())
+        # The sidecar's set-up without an OTLP endpoint: an SDK provider that exports
+        # nothing, so record-span takes its no-export path (decision 0900).
+        services.foreign_functions.update(WasiTracing(TracerProvider()).functions())
     return services
 
 

@@ -169,6 +169,23 @@ class PluginHost:
         finally:
             self._effective = self.root
 
+    def _invoke_each(self, ctx: Context, exports: tuple[str, ...],
+                     *args: int) -> tuple[str, WasmTrap] | None:
+        """``_invoke`` for several callbacks in a row (a stream's end); stops at the first
+        trap and returns it with the callback's name."""
+        self._imports.activate(self)
+        self._effective = ctx
+        call = self.vm.call
+        try:
+            for export in exports:
+                try:
+                    call(export, *args)
+                except WasmTrap as exc:
+                    return export, exc
+            return None
+        finally:
+            self._effective = self.root
+
     def trapped(self, callback: str, exc: WasmTrap) -> None:
         """The one log line per trap; the VM is recreated for the next stream."""
         self.vm.broken = True

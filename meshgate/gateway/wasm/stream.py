@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .host import PluginHost
 
 _FAIL_CLOSED_DETAILS = "wasm_fail_stream"
+_FINISH_EXPORTS = ("proxy_on_log", "proxy_on_done", "proxy_on_delete")
 _PAUSE_TIMEOUT_DETAILS = "wasm_pause_timeout"
 
 
@@ -116,12 +117,9 @@ class HttpStream:
         self.host.streams.pop(self.ctx.id, None)
         if not self._created or not self._alive():
             return
-        for export in ("proxy_on_log", "proxy_on_done", "proxy_on_delete"):
-            try:
-                self.host._invoke(self.ctx, export, self.ctx.id)
-            except WasmTrap as exc:
-                self.host.trapped(export, exc)
-                return
+        failed = self.host._invoke_each(self.ctx, _FINISH_EXPORTS, self.ctx.id)
+        if failed is not None:
+            self.host.trapped(*failed)
 
     # -- machinery ----------------------------------------------------------------------
     def _alive(self) -> bool:
