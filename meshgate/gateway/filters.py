@@ -71,7 +71,7 @@ class BodyTooLarge(Exception):
 
 def _outcome(action: Any) -> str:
     """The host's action → "continue", "buffer", or raise for a reply or a reset."""
-    wasm = _wasm()
+    wasm = _WASM or _wasm()
     if action is wasm.CONTINUE:  # the host's singleton: the common case, one identity test
         return "continue"
     if isinstance(action, wasm.LocalReply):

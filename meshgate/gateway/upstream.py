@@ -89,11 +89,15 @@ class UpstreamCluster:
             return a if self._active.get(a, 0) <= self._active.get(b, 0) else b
         return endpoints[next(self._rr) % len(endpoints)]
 
+    # Requests in flight per endpoint matter to LEAST_REQUEST only; other policies skip
+    # the count (hashing an Endpoint twice a request showed in the sidecar's profile).
     def started(self, endpoint: Endpoint) -> None:
-        self._active[endpoint] = self._active.get(endpoint, 0) + 1
+        if self.spec.lb_policy == "LEAST_REQUEST":
+            self._active[endpoint] = self._active.get(endpoint, 0) + 1
 
     def finished(self, endpoint: Endpoint) -> None:
-        self._active[endpoint] = self._active.get(endpoint, 1) - 1
+        if self.spec.lb_policy == "LEAST_REQUEST":
+            self._active[endpoint] = self._active.get(endpoint, 1) - 1
 
 
 async def close_later(pool: SessionPool, keep: set[int], delay_s: float) -> None:
