@@ -162,7 +162,9 @@ class PluginHost:
 
     def _invoke(self, ctx: Context, export: str, *args: int) -> int | None:
         """Call a plugin callback with ``ctx`` as the current (and effective) context."""
-        self._imports.activate(self)
+        imports = self._imports
+        if imports.env.t is not self:
+            imports.activate(self)
         self._effective = ctx
         try:
             return self.vm.call(export, *args)
