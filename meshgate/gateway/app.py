@@ -9,6 +9,7 @@ client NACKs it with that message.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -144,6 +145,10 @@ class Sidecar:
             self.metrics.config_version.set(config.version)
             self.ready_event.set()
             log.info("applied config %d: listeners %s", config.version, sorted(config.listeners))
+            # What a config built (protobufs, plugin hosts, modules) lives until the next
+            # update: out of the collector's sight, a full collection under load no longer
+            # walks it (a p99 of tens of ms on plugged requests before).
+            gc.freeze()
             self._spawn(close_later(self.pool, self.holder.sessions_in_use(), 0))
             self._spawn(self._retire_later())
             self._close_unused_plugins()
