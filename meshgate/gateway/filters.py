@@ -118,7 +118,8 @@ class PluginChain:
         hmap = wasm.HeaderMap(pairs)
         end = not request.body_exists
         for stream in self.streams:
-            _outcome(await stream.request_headers(hmap, end))
+            action = stream.begin_request_headers(hmap, end)
+            _outcome(action if action is not None else await stream.resumed())
         if hmap.edits:  # most plugins only read request headers: skip the copy back
             self.path = hmap.get(":path")
             _write_back(hmap, headers)
@@ -129,7 +130,8 @@ class PluginChain:
         pairs.extend(headers.items())
         hmap = wasm.HeaderMap(pairs)
         for stream in reversed(self.streams):
-            _outcome(await stream.response_headers(hmap, False))
+            action = stream.begin_response_headers(hmap, False)
+            _outcome(action if action is not None else await stream.resumed())
         if hmap.edits:
             new_status = hmap.get(":status")
             self.status = int(new_status) if new_status and new_status.isdigit() else None
@@ -156,7 +158,8 @@ class PluginChain:
         """
         data = bytearray(body)
         for stream in reversed(self.streams):
-            _outcome(await stream.response_body(data, True))
+            action = stream.begin_response_body(data, True)
+            _outcome(action if action is not None else await stream.resumed())
         return bytes(data)
 
     async def _body(
