@@ -189,6 +189,16 @@ async def test_paused_stream_resumes_when_the_call_returns(load, services):
     assert (cluster, headers[1], timeout_s) == ("authz", (":path", "/check"), 5.0)
 
 
+async def test_begin_answers_at_once_or_none_until_resumed(load, services):
+    # The data path's entry: no coroutine unless the plugin pauses.
+    services.http_dispatcher = FakeDispatcher(delay=0.01)
+    host = await load(call_plugin(ON_RESPONSE_CONTINUE))
+    stream = host.new_stream()
+    assert stream.begin_request_headers(req(), True) is None  # paused on its http_call
+    assert await stream.resumed() == CONTINUE
+    assert stream.begin_response_headers(HeaderMap([(":status", "200")]), False) == CONTINUE
+
+
 async def test_call_response_body_drives_a_local_reply(load, services):
     services.http_dispatcher = FakeDispatcher(reply=([(":status", "403")], b"no token", []))
     host = await load(call_plugin(ON_RESPONSE_DENY))
