@@ -23,6 +23,7 @@ from yarl import URL
 
 from meshgate.gateway.plugin_resources import PluginBinaryCache, PluginResource
 from meshgate.gateway.resources import UnsupportedConfig
+from meshgate.gateway.tracing import w3c_context
 from meshgate.otel import WasiTracing
 
 if TYPE_CHECKING:
@@ -100,10 +101,12 @@ class PluginChain:
 
     @classmethod
     def start(
-        cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int
+        cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int,
+        w3c: tuple[str, str] | None = None,
     ) -> PluginChain:
+        """`w3c`: the request span's (traceparent, tracestate), when already computed."""
         # One StreamInfo for all the plugins of the request: the host only reads it.
-        info = _stream_info(request, span)
+        info = _stream_info(request, span, w3c if w3c is not None else w3c_context(span))
         return cls([p.new_stream(info) for p in plugins], limit)
 
     async def request_headers(
@@ -205,13 +208,8 @@ class PluginChain:
                 log.exception("plugin stream finish failed")
 
 
-def _stream_info(request: web.BaseRequest, span: Any) -> Any:
-    ctx = span.get_span_context()
-    traceparent = tracestate = None
-    if ctx.is_valid:
-        traceparent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-        if ctx.trace_state:  # usually empty; to_header() costs ~1 µs even then
-            tracestate = ctx.trace_state.to_header() or None
+def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None) -> Any:
+    traceparent, tracestate = w3c if w3c is not None else (None, None)
     transport = request.transport
     peer = transport.get_extra_info("peername") if transport else None
     sock = transport.get_extra_info("sockname") if transport else None
@@ -220,7 +218,7 @@ def _stream_info(request: web.BaseRequest, span: Any) -> Any:
         destination_address=f"{sock[0]}:{sock[1]}" if sock else "",
         request_id=request.headers.get("x-request-id", ""),
         traceparent=traceparent,
-        tracestate=tracestate,
+        tracestate=tracestate or None,
         span=span,
     )
 

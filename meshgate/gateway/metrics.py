@@ -50,15 +50,16 @@ class SidecarMetrics:
         self._latency_children: dict[str, Histogram] = {}
 
     def observe_request(
-        self, listener: str, cluster: str, status: int, seconds: float, span: object
+        self, listener: str, cluster: str, status: int, seconds: float, trace_id: str | None
     ) -> None:
+        """Count the request and observe its latency; `trace_id` (32 hex digits) becomes
+        the latency bucket's exemplar."""
         key = (listener, cluster, status)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = self.requests.labels(listener, cluster, str(status))
         child.inc()
-        ctx = span.get_span_context()  # type: ignore[attr-defined]
-        exemplar = {"trace_id": format(ctx.trace_id, "032x")} if ctx.is_valid else None
+        exemplar = {"trace_id": trace_id} if trace_id else None
         latency = self._latency_children.get(listener)
         if latency is None:
             latency = self._latency_children[listener] = self.latency.labels(listener)

@@ -38,10 +38,11 @@ from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.resources import Endpoint, Route
 from meshgate.gateway.tracing import (
     id_generator,
-    inject_traceparent,
+    inject_w3c,
     light_server_span,
     sidecar_tracer_provider,
     spans_consumed,
+    w3c_context,
 )
 from meshgate.gateway.upstream import NoHealthyUpstream, UpstreamCluster
 
@@ -129,9 +130,10 @@ class DataPath:
             token = otel_context.attach(trace.set_span_in_context(span, parent))
         else:  # nobody sees spans: the trace context alone, for propagation and exemplars
             span = light_server_span(request.headers, self._ids)
+        w3c = w3c_context(span)
         cluster_name, response = "", None
         try:
-            cluster_name, response = await self._proxy(config, lc, request, span)
+            cluster_name, response = await self._proxy(config, lc, request, span, w3c)
             return response
         finally:
             self.holder.release(config)
@@ -143,11 +145,13 @@ class DataPath:
                     span.set_status(Status(StatusCode.ERROR))
                 span.end()
             self.metrics.observe_request(
-                listener_name, cluster_name, status, time.perf_counter() - started, span
+                listener_name, cluster_name, status, time.perf_counter() - started,
+                w3c[0][3:35] if w3c else None,  # the trace id, for the exemplar
             )
 
     async def _proxy(
-        self, config: SidecarConfig, lc: ListenerConfig, request: web.BaseRequest, span: trace.Span
+        self, config: SidecarConfig, lc: ListenerConfig, request: web.BaseRequest,
+        span: trace.Span, w3c: tuple[str, str] | None,
     ) -> tuple[str, web.StreamResponse]:
         headers = request.headers
         route = lc.routes.select(request.host, request.raw_path, headers)  # type: ignore[arg-type]
@@ -159,11 +163,11 @@ class DataPath:
             return route.cluster, _error_response(
                 ProxyError(503, "cluster_not_found", route.cluster)
             )
-        up_headers = self._upstream_headers(request, span)
+        up_headers = self._upstream_headers(request, w3c)
         chain = None
         if lc.plugins:
             limit = self.settings.max_buffered_body
-            chain = PluginChain.start(lc.plugins, request, span, limit)
+            chain = PluginChain.start(lc.plugins, request, span, limit, w3c)
         try:
             return route.cluster, await self._exchange(request, route, cluster, up_headers, chain)
         except ProxyError as exc:
@@ -179,7 +183,9 @@ class DataPath:
             if chain is not None:
                 await chain.finish()
 
-    def _upstream_headers(self, request: web.BaseRequest, span: trace.Span) -> CIMultiDict[str]:
+    def _upstream_headers(
+        self, request: web.BaseRequest, w3c: tuple[str, str] | None
+    ) -> CIMultiDict[str]:
         out = strip_hop_by_hop(request.headers)
         peer = request.remote or ""
         prior = out.get("x-forwarded-for")
@@ -188,7 +194,7 @@ class DataPath:
             out["x-forwarded-proto"] = request.scheme
         if "x-request-id" not in out:
             out["x-request-id"] = request_id()
-        inject_traceparent(span, out)  # the request's span, attached to no context
+        inject_w3c(w3c, out)  # the request's span, attached to no context
         return out
 
     async def _exchange(

@@ -118,13 +118,27 @@ class VirtualHost:
     routes: tuple[Route, ...]
 
 
+_VHOST_CACHE_MAX = 1024  # Host values are the client's: bound what they can make us keep
+
+
 @dataclass(frozen=True)
 class RouteTable:
     name: str
     virtual_hosts: tuple[VirtualHost, ...]
+    # The virtual host chosen per Host value: matching every domain of every virtual host
+    # on each request showed in the sidecar's profile; a table lives as long as its config.
+    _by_host: dict[str, VirtualHost | None] = field(default_factory=dict, compare=False,
+                                                    repr=False)
 
     def select(self, host: str, path: str, headers: dict[str, str]) -> Route | None:
-        vhost = self._virtual_host(host.lower())
+        cache = self._by_host
+        try:
+            vhost = cache[host]
+        except KeyError:
+            vhost = self._virtual_host(host.lower())
+            if len(cache) >= _VHOST_CACHE_MAX:
+                cache.clear()
+            cache[host] = vhost
         if vhost is None:
             return None
         for route in vhost.routes:

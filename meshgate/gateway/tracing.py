@@ -75,17 +75,31 @@ def id_generator(provider: trace.TracerProvider) -> IdGenerator:
     return ids if isinstance(ids, IdGenerator) else RandomIdGenerator()
 
 
+def w3c_context(span: trace.Span) -> tuple[str, str] | None:
+    """`span`'s `traceparent` and `tracestate` header values ("" when there is no state),
+    or None for an invalid context. Computed once per request: the upstream headers, the
+    plugins' stream info and the latency exemplar all use it."""
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None
+    parent = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+    return parent, ctx.trace_state.to_header() if ctx.trace_state else ""
+
+
 def inject_traceparent(span: trace.Span, headers: MutableMapping[str, str]) -> None:
     """What the W3C propagator's `inject` writes for `span`, without the current context:
     `traceparent`, and `tracestate` when there is any."""
-    ctx = span.get_span_context()
-    if not ctx.is_valid:
+    inject_w3c(w3c_context(span), headers)
+
+
+def inject_w3c(context: tuple[str, str] | None, headers: MutableMapping[str, str]) -> None:
+    """`inject_traceparent` for a context `w3c_context` already computed."""
+    if context is None:
         return
-    headers["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
-    state = ctx.trace_state.to_header() if ctx.trace_state else ""
-    if state:
-        headers["tracestate"] = state
+    headers["traceparent"] = context[0]
+    if context[1]:
+        headers["tracestate"] = context[1]
 
 
-__all__ = ["id_generator", "inject_traceparent", "light_server_span", "sidecar_tracer_provider",
-           "spans_consumed"]
+__all__ = ["id_generator", "inject_traceparent", "inject_w3c", "light_server_span",
+           "sidecar_tracer_provider", "spans_consumed", "w3c_context"]

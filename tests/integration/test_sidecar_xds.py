@@ -117,7 +117,9 @@ async def test_admin_port_reports_health_readiness_metrics_and_config(tmp_path: 
         try:
             async with running_sidecar(stack) as sidecar, aiohttp.ClientSession() as client:
                 admin = f"http://127.0.0.1:{sidecar.admin_port}"
-                async with client.get(f"http://127.0.0.1:{port}/x") as resp:
+                trace_id = "0af7651916cd43dd8448eb211c80319c"
+                parent = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+                async with client.get(f"http://127.0.0.1:{port}/x", headers=parent) as resp:
                     assert resp.status == 200
                 async with client.get(admin + "/healthz") as resp:
                     assert resp.status == 200
@@ -127,7 +129,8 @@ async def test_admin_port_reports_health_readiness_metrics_and_config(tmp_path: 
                 async with client.get(admin + "/metrics", headers=accept) as resp:
                     text = await resp.text()
                 assert 'meshgate_sidecar_requests_total{cluster="web",code="200"' in text
-                assert "# {trace_id=" in text  # exemplar on the latency histogram
+                # The latency histogram's exemplar is the client's trace: an SRE lands on it.
+                assert f'# {{trace_id="{trace_id}"}}' in text
                 async with client.get(admin + "/config_dump") as resp:
                     dumped = await resp.json()
                 assert dumped["resources"]["Listener"]["ingress"]["port"] == port

@@ -277,3 +277,15 @@ def test_plugin_with_inline_code_or_other_type_is_refused() -> None:
     )
     with pytest.raises(res.UnsupportedConfig, match="Router"):
         decode_plugin(other)
+
+
+def test_virtual_host_choice_is_remembered_per_host_within_a_bound() -> None:
+    vh = res.VirtualHost("any", ("*",), ())
+    exact = res.VirtualHost("api", ("api.example.com",), ())
+    table = res.RouteTable("r", (vh, exact))
+    for i in range(3000):  # Host values come from clients: the memo must stay bounded
+        table.select(f"h{i}.example.com", "/", {})
+    assert len(table._by_host) <= 1024
+    assert table._virtual_host("api.example.com") is exact
+    table.select("API.example.com", "/", {})
+    assert table._by_host["API.example.com"] is exact
