@@ -232,9 +232,7 @@ async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:
 
 def _write_back(hmap: Any, headers: CIMultiDict[str]) -> None:
     headers.clear()
-    for name, value in hmap.items():
-        if not name.startswith(":"):
-            headers.add(name, value)
+    headers.extend([(name, value) for name, value in hmap.items() if name[:1] != ":"])
 
 
 class ClusterCallDispatcher:
