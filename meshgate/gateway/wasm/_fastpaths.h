@@ -23,6 +23,7 @@ enum {
     FAST_INCREMENT_METRIC,
     FAST_GET_SHARED_DATA,
     FAST_SET_SHARED_DATA,
+    FAST_CALL_FOREIGN,
     FAST_COUNT
 };
 
@@ -35,7 +36,8 @@ enum { ST_OK = 0, ST_NOT_FOUND = 1, ST_BAD_ARGUMENT = 2, ST_CAS_MISMATCH = 8 };
 
 static PyObject *s_t, *s_effective, *s_vm, *s_mem, *s_base, *s_size, *s_alloc, *s_call,
     *s_items, *s_edits, *s_check, *s_maps[4], *s_services, *s_metrics, *s_metrics_table,
-    *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity, *s_vm_id;
+    *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity, *s_vm_id,
+    *s_call_foreign;
 static PyObject *guest_memory_error; /* set by configure(); NULL until then */
 
 static int
@@ -67,6 +69,7 @@ init_fast_paths(void)
     INTERN(s_next_cas, "_next_cas");
     INTERN(s_identity, "identity");
     INTERN(s_vm_id, "vm_id");
+    INTERN(s_call_foreign, "call_foreign");
     for (int i = 0; i < 4; i++)
         INTERN(s_maps[i], maps[i]);
 #undef INTERN
@@ -80,7 +83,7 @@ add_fast_path_names(PyObject *m)
         NULL, "proxy_get_header_map_value", "proxy_replace_header_map_value",
         "proxy_add_header_map_value", "proxy_remove_header_map_value",
         "proxy_get_current_time_nanoseconds", "proxy_increment_metric",
-        "proxy_get_shared_data", "proxy_set_shared_data"};
+        "proxy_get_shared_data", "proxy_set_shared_data", "proxy_call_foreign_function"};
     PyObject *table = PyDict_New();
     if (table == NULL)
         return -1;
@@ -720,6 +723,59 @@ done:
     return result;
 }
 
+/* proxy_call_foreign_function(name_ptr, name_size, args_ptr, args_size, ret_ptr, ret_size):
+ * the host's call_foreign (Python: the foreign functions are Python), without the
+ * Python layer of marshalling around it. */
+static int
+fast_call_foreign(Guest *g, raw_val *vals)
+{
+    uint32_t name_ptr = (uint32_t)vals[0].i32, name_size = (uint32_t)vals[1].i32,
+             args_ptr = (uint32_t)vals[2].i32, args_size = (uint32_t)vals[3].i32,
+             ret_ptr = (uint32_t)vals[4].i32, ret_size = (uint32_t)vals[5].i32;
+    if (!in_bounds(g, args_ptr, args_size) || !in_bounds(g, ret_ptr, 4) ||
+        !in_bounds(g, ret_size, 4))
+        return FALLBACK;
+    PyObject *name = guest_text(g, name_ptr, name_size);
+    if (name == NULL) {
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    PyObject *args = PyBytes_FromStringAndSize((const char *)g->base + args_ptr, args_size);
+    PyObject *r = args ? PyObject_CallMethodObjArgs(g->host, s_call_foreign, name, args, NULL)
+                       : NULL;
+    Py_DECREF(name);
+    Py_XDECREF(args);
+    if (r == NULL)
+        return RAISED;
+    PyObject *result = NULL;
+    long status = -1;
+    if (PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 2) {
+        status = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+        result = PyBytes_FromObject(PyTuple_GET_ITEM(r, 1));
+    } else {
+        PyErr_SetString(PyExc_TypeError, "a foreign function answers (status, bytes)");
+    }
+    Py_DECREF(r);
+    if (result == NULL || (status == -1 && PyErr_Occurred())) {
+        Py_XDECREF(result);
+        return RAISED;
+    }
+    int rc = 0;
+    if (status == ST_OK) {
+        /* the guest may have grown its memory meanwhile; the slots stay valid */
+        if (guest_size(g) == 0)
+            rc = copy_out(g, PyBytes_AS_STRING(result), PyBytes_GET_SIZE(result), ret_ptr,
+                          ret_size);
+        else
+            rc = -1;
+    }
+    Py_DECREF(result);
+    if (rc < 0)
+        return RAISED;
+    set_status(vals, (int)status);
+    return HANDLED;
+}
+
 static int
 run_fast_path(HostFunction *h, raw_val *vals)
 {
@@ -751,6 +807,9 @@ run_fast_path(HostFunction *h, raw_val *vals)
         break;
     case FAST_SET_SHARED_DATA:
         rc = fast_set_shared_data(&g, vals);
+        break;
+    case FAST_CALL_FOREIGN:
+        rc = fast_call_foreign(&g, vals);
         break;
     }
     guest_release(&g);

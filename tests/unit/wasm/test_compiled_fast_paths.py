@@ -28,7 +28,7 @@ ARG, ARG2 = 512, 768
 FAST = ("proxy_get_header_map_value", "proxy_replace_header_map_value",
         "proxy_add_header_map_value", "proxy_remove_header_map_value",
         "proxy_get_current_time_nanoseconds", "proxy_increment_metric",
-        "proxy_get_shared_data", "proxy_set_shared_data")
+        "proxy_get_shared_data", "proxy_set_shared_data", "proxy_call_foreign_function")
 
 
 @pytest.fixture
@@ -143,3 +143,36 @@ async def test_metrics_and_shared_data_stay_in_c_with_python_semantics(counted: 
     assert call_in(probe, root, "proxy_set_shared_data", *key, *v2, cas) == 0
     assert probe.services.shared_data.get(probe.identity.vm_id, b"bucket") == (b"v2", cas + 1)
     assert sum(calls.values()) == 0
+
+
+async def test_foreign_calls_reach_the_function_without_the_python_marshalling(
+    counted: Any,
+) -> None:
+    probe, calls = counted
+    seen: list[tuple[bytes, Any]] = []
+
+    def reverse(args: bytes, call: Any) -> tuple[int, bytes]:
+        seen.append((args, call))
+        return 0, args[::-1]
+
+    probe.services.foreign_functions["test.reverse"] = reverse
+    probe.services.foreign_functions["test.empty"] = lambda args, call: (0, b"")
+    ctx = stream_with(probe, [])
+    name, args = put(probe, ARG, b"test.reverse"), put(probe, ARG2, b"abc")
+    assert call_in(probe, ctx, "proxy_call_foreign_function", *name, *args, SLOT_PTR,
+                   SLOT_SIZE) == 0
+    assert returned(probe) == b"cba"
+    assert seen[0][0] == b"abc" and seen[0][1].plugin_name == probe.spec.name
+    empty = put(probe, ARG, b"test.empty")
+    assert call_in(probe, ctx, "proxy_call_foreign_function", *empty, *args, SLOT_PTR,
+                   SLOT_SIZE) == 0
+    assert probe.vm.mem.read_u32(SLOT_PTR) == probe.vm.mem.read_u32(SLOT_SIZE) == 0
+    unknown = put(probe, ARG, b"test.nope")
+    assert call_in(probe, ctx, "proxy_call_foreign_function", *unknown, *args, SLOT_PTR,
+                   SLOT_SIZE) == 1  # NOT_FOUND, as Envoy answers
+    assert sum(calls.values()) == 0
+    # A bad return slot: the Python method answers, before anything is called.
+    name = put(probe, ARG, b"test.reverse")
+    assert call_in(probe, ctx, "proxy_call_foreign_function", *name, *args, 0xFFFFFFF0,
+                   SLOT_SIZE) == 6
+    assert calls["proxy_call_foreign_function"] == 1
