@@ -1,18 +1,23 @@
-"""Benchmark: one crossing into wasm and one host-function call from wasm, generic vs unchecked.
+"""Benchmark: one crossing into wasm and one host-function call from wasm.
 
-Run: .venv/bin/python bench/wasm_callpath.py
+Run: PYTHONPATH=. .venv/bin/python bench/wasm_callpath.py
 Prints µs per crossing for wasmtime-py's generic path (``Func.__call__``,
-``Linker.define_func``) and for meshgate's unchecked path (``_rawcall``), and their ratio,
-all measured in the same run.
+``Linker.define_func``), for meshgate's unchecked path through ctypes, and for its compiled
+crossings (``_crossing``, decision 1000), with the ratios, all measured in the same run
+(the ctypes figures in a child process started with ``MESHGATE_WASM_CROSSING=ctypes``).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import wasmtime
 
-from meshgate.gateway.wasm._rawcall import HostFunctionTable, RawFunc
+from meshgate.gateway.wasm._rawcall import CROSSING, HostFunctionTable, RawFunc
 
 WAT = """
 (module
@@ -72,10 +77,21 @@ def main(n: int = 50_000) -> None:
     call_u = _per_call_us(raw_calls, n)
     host_g = _per_call_us(lambda k: host_loop_g(store_g, k), n)
     host_u = _per_call_us(lambda k: host_loop_u.call(k), n)
-    print(f"call into wasm   : Func.__call__ {call_g:7.2f} µs  unchecked {call_u:6.2f} µs"
-          f"  ratio {call_g / call_u:5.1f}x")
-    print(f"host fn from wasm: define_func   {host_g:7.2f} µs  unchecked {host_u:6.2f} µs"
-          f"  ratio {host_g / host_u:5.1f}x")
+    if "--json" in sys.argv:
+        print(json.dumps({"call": call_u, "host": host_u}))
+        return
+    env = {**os.environ, "MESHGATE_WASM_CROSSING": "ctypes"}
+    child = subprocess.run([sys.executable, __file__, "--json"], env=env, check=True,
+                           capture_output=True, text=True)
+    ctypes_us = json.loads(child.stdout.strip().splitlines()[-1])
+    print(f"crossing in this process: {CROSSING}")
+    for label, generic, viactypes, ours in (
+        ("call into wasm   ", call_g, ctypes_us["call"], call_u),
+        ("host fn from wasm", host_g, ctypes_us["host"], host_u),
+    ):
+        print(f"{label}: Func/define_func {generic:7.2f} µs  ctypes unchecked {viactypes:5.2f} µs"
+              f"  {CROSSING} {ours:5.2f} µs  generic/{CROSSING} {generic / ours:6.1f}x"
+              f"  ctypes/{CROSSING} {viactypes / ours:5.1f}x")
 
 
 if __name__ == "__main__":

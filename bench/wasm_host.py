@@ -240,35 +240,40 @@ async def main() -> None:
 
     services = new_services(not args.no_tracing)
     noop = await PluginHost.create(PluginSpec("noop", bytes(wasmtime.wat2wasm(NOOP))), services)
-    bare = await bare_request_us(n)
-    host_noop = await per_request_us([noop], n)
-    generic = generic_noop_request_us(n)
+    specs = rate_limit_and_auth(args.plugins)
+    pair = [await PluginHost.create(s, services) for s in specs] if specs else []
+    # Rounds interleave every measurement; medians of the rounds are printed (this
+    # machine's speed drifts by tens of percent within minutes).
+    runs: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        runs.setdefault("bare", []).append(await bare_request_us(n))
+        runs.setdefault("noop", []).append(await per_request_us([noop], n))
+        runs.setdefault("generic", []).append(generic_noop_request_us(n))
+        if pair:
+            runs.setdefault("pair", []).append(await per_request_us(pair, n))
+    bare, host_noop, generic = (statistics.median(runs[k]) for k in ("bare", "noop", "generic"))
+    print(f"medians of {args.rounds} interleaved rounds of {n} requests")
     print(f"bare request (maps + awaits, no plugin)   {bare:8.1f} µs")
     print(f"no-op plugin, 6 callbacks, meshgate host  {host_noop:8.1f} µs"
           f"  ({(host_noop - bare) / 6:5.1f} µs per callback above bare)")
     print(f"no-op plugin, 6 callbacks, Func.__call__  {generic:8.1f} µs"
           f"  ratio generic/host {generic / host_noop:5.2f}x")
-
-    specs = rate_limit_and_auth(args.plugins)
-    if specs is None:
+    if not pair:
         print(f"rate-limit + auth: not built under {args.plugins} (skipped)")
     else:
-        pair = [await PluginHost.create(s, services) for s in specs]
-        pair_us = await per_request_us(pair, n)
+        pair_us = statistics.median(runs["pair"])
         print(f"rate-limit + auth, per request            {pair_us:8.1f} µs"
               f"  = {pair_us / host_noop:5.1f}x the no-op plugin")
-        for spec in specs:
+    for spec in [*(specs or []), noop.spec]:
+        times = []
+        for _ in range(args.rounds):
             with tempfile.TemporaryDirectory() as d:
-                cold, cached, first = await start_times(spec, Path(d))
-            print(f"{spec.name:10s} start: cold {cold:7.1f} ms  cached {cached:6.2f} ms"
-                  f"  (cold/cached {cold / cached:5.1f}x)  cached+first request {first:6.2f} ms")
-        for h in pair:
-            await h.close()
-    with tempfile.TemporaryDirectory() as d:
-        cold, cached, first = await start_times(noop.spec, Path(d))
-    print(f"noop       start: cold {cold:7.1f} ms  cached {cached:6.2f} ms"
-          f"  (cold/cached {cold / cached:5.1f}x)  cached+first request {first:6.2f} ms")
-    await noop.close()
+                times.append(await start_times(spec, Path(d)))
+        cold, cached, first = (statistics.median(t[i] for t in times) for i in range(3))
+        print(f"{spec.name:10s} start: cold {cold:7.1f} ms  cached {cached:6.2f} ms"
+              f"  (cold/cached {cold / cached:5.1f}x)  cached+first request {first:6.2f} ms")
+    for h in [*pair, noop]:
+        await h.close()
     services.close()
 
 

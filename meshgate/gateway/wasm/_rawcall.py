@@ -449,6 +449,19 @@ def instance_export(store: wasmtime.Store, instance: wasmtime.Instance,
     return wasmtime_extern.wrap_extern(item) if found else None
 
 
+def export_names(module: wasmtime.Module) -> frozenset[str]:
+    """The names ``module`` exports. ``Module.exports`` builds a typed object per export
+    (~0.2-0.3 ms for a Rust plugin, on every push); the names alone cost a tenth."""
+    vec = ffi.wasm_exporttype_vec_t()
+    ffi.wasmtime_module_exports(module.ptr(), ctypes.byref(vec))
+    try:
+        names = (ffi.wasm_exporttype_name(vec.data[i]).contents for i in range(vec.size))
+        return frozenset(ctypes.string_at(n.data, n.size).decode("utf-8", "replace")
+                         for n in names)
+    finally:
+        ffi.wasm_exporttype_vec_delete(ctypes.byref(vec))
+
+
 def context_pointer_value(store: wasmtime.Store) -> int:
     """Address of the store's context (tests compare it with a caller's context)."""
     return ctypes.cast(store._context(), ctypes.c_void_p).value or 0

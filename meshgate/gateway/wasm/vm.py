@@ -7,7 +7,14 @@ import struct
 import wasmtime
 
 from . import callstats as _callstats
-from ._rawcall import GuestMemory, GuestMemoryError, RawFunc, WasmTrap, instance_export
+from ._rawcall import (
+    GuestMemory,
+    GuestMemoryError,
+    RawFunc,
+    WasmTrap,
+    export_names,
+    instance_export,
+)
 from ._rawcall import set_epoch_deadline as _set_deadline
 from .abi import ABI_MARKERS
 
@@ -20,7 +27,7 @@ class VMLoadError(Exception):
 
 def module_export_names(module: wasmtime.Module) -> frozenset[str]:
     """What a module exports, by name (a plugin host computes it once per module)."""
-    return frozenset(e.name for e in module.exports)
+    return export_names(module)
 
 
 class PluginVM:
