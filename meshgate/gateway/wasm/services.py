@@ -165,8 +165,8 @@ class ModuleCache:
         return self.compile(engine, sha256, wasm), False
 
     def cached(self, engine: wasmtime.Engine, sha256: str) -> wasmtime.Module | None:
-        """The cached module, or None. Cheap (the file is mapped, ~0.2 ms): the sidecar
-        calls it on the event loop, where a thread hop would cost as much again."""
+        """The cached module, or None. Cheap (the file is mapped): the sidecar calls it
+        on the event loop, where a thread hop would cost as much again."""
         path = self._path(sha256)
         if path is not None and path.exists():
             try:
