@@ -439,7 +439,7 @@ def instance_export(store: wasmtime.Store, instance: wasmtime.Instance,
     """One export of ``instance`` by name, or None.
 
     ``Instance.exports`` wraps every export on first use, and a Rust plugin has about 30;
-    a VM needs five or six at start, so looking them up one by one keeps ~0.3 ms off
+    a VM needs five or six at start, so looking them up one by one keeps that work off
     every plugin start (decision 1000).
     """
     item = ffi.wasmtime_extern_t()
@@ -450,8 +450,8 @@ def instance_export(store: wasmtime.Store, instance: wasmtime.Instance,
 
 
 def export_names(module: wasmtime.Module) -> frozenset[str]:
-    """The names ``module`` exports. ``Module.exports`` builds a typed object per export
-    (~0.2-0.3 ms for a Rust plugin, on every push); the names alone cost a tenth."""
+    """The names ``module`` exports. ``Module.exports`` builds a typed object per export,
+    on every push; reading the names alone takes about half as long."""
     vec = ffi.wasm_exporttype_vec_t()
     ffi.wasmtime_module_exports(module.ptr(), ctypes.byref(vec))
     try:
