@@ -176,3 +176,41 @@ async def test_foreign_calls_reach_the_function_without_the_python_marshalling(
     assert call_in(probe, ctx, "proxy_call_foreign_function", *name, *args, 0xFFFFFFF0,
                    SLOT_SIZE) == 6
     assert calls["proxy_call_foreign_function"] == 1
+
+
+async def test_fast_paths_leak_no_python_objects(counted: Any) -> None:
+    # A reference kept by mistake in C would grow Python's heap on every request.
+    import tracemalloc
+
+    probe, _ = counted
+    probe.services.foreign_functions["test.reverse"] = lambda args, call: (0, args[::-1])
+    key, value = put(probe, ARG, b"x-key"), put(probe, ARG2, b"value")
+    name = put(probe, ARG + 64, b"test.reverse")
+
+    def one_round() -> None:
+        ctx = stream_with(probe, [("x-key", "v"), ("a", "b")])
+        for args in (("proxy_get_header_map_value", 0, *key, SLOT_PTR, SLOT_SIZE),
+                     ("proxy_get_header_map_value", 0, 0xFFFFFFF0, 4, SLOT_PTR, SLOT_SIZE),
+                     ("proxy_replace_header_map_value", 0, *key, *value),
+                     ("proxy_add_header_map_value", 0, *key, *value),
+                     ("proxy_replace_header_map_value", 0, *key, *value),
+                     ("proxy_remove_header_map_value", 0, *key),
+                     ("proxy_set_shared_data", *key, *value, 0),
+                     ("proxy_get_shared_data", *key, SLOT_PTR, SLOT_SIZE, ARG + 128),
+                     ("proxy_set_shared_data", *key, *value, 1),
+                     ("proxy_call_foreign_function", *name, *value, SLOT_PTR, SLOT_SIZE),
+                     ("proxy_get_current_time_nanoseconds", ARG + 128)):
+            call_in(probe, ctx, *args)
+        probe.streams.pop(ctx.id, None)
+
+    for _ in range(200):
+        one_round()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3000):
+            one_round()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 32 * 1024, f"Python heap grew {grown} bytes over 3,000 rounds"
