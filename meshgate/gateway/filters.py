@@ -41,16 +41,18 @@ class LocalReply:
 
 
 _WASM: Any = None
+_CONTINUE: Any = object()  # the host's Continue singleton once it is imported
 
 
 def _wasm() -> Any:
     # Imported late: the host module pulls in wasmtime, which a sidecar without plugins
     # (and the unit tests of routing) never needs. Cached: this runs several times a request.
-    global _WASM
+    global _WASM, _CONTINUE
     if _WASM is None:
         from meshgate.gateway import wasm
 
         _WASM = wasm
+        _CONTINUE = wasm.CONTINUE
     return _WASM
 
 
@@ -122,7 +124,8 @@ class PluginChain:
         end = not request.body_exists
         for stream in self.streams:
             action = stream.begin_request_headers(hmap, end)
-            _outcome(action if action is not None else await stream.resumed())
+            if action is not _CONTINUE:  # the common case, without a call
+                _outcome(action if action is not None else await stream.resumed())
         if hmap.edits:  # most plugins only read request headers: skip the copy back
             self.path = hmap.get(":path")
             _write_back(hmap, headers)
@@ -134,7 +137,8 @@ class PluginChain:
         hmap = wasm.HeaderMap(pairs)
         for stream in reversed(self.streams):
             action = stream.begin_response_headers(hmap, False)
-            _outcome(action if action is not None else await stream.resumed())
+            if action is not _CONTINUE:  # the common case, without a call
+                _outcome(action if action is not None else await stream.resumed())
         if hmap.edits:
             new_status = hmap.get(":status")
             self.status = int(new_status) if new_status and new_status.isdigit() else None
@@ -162,7 +166,8 @@ class PluginChain:
         data = bytearray(body)
         for stream in reversed(self.streams):
             action = stream.begin_response_body(data, True)
-            _outcome(action if action is not None else await stream.resumed())
+            if action is not _CONTINUE:  # the common case, without a call
+                _outcome(action if action is not None else await stream.resumed())
         return bytes(data)
 
     async def _body(

@@ -171,6 +171,25 @@ class PluginHost:
         finally:
             self._effective = self.root
 
+    def _invoke_created(self, ctx: Context, export: str, args: tuple[int, ...]) -> int | None:
+        """A stream's first callback: ``proxy_on_context_create`` then ``export``, in one
+        activation. A trap carries the name of the callback it came from (``callback``)."""
+        imports = self._imports
+        if imports.env.t is not self:
+            imports.activate(self)
+        self._effective = ctx
+        call = self.vm.call
+        running = "proxy_on_context_create"
+        try:
+            call(running, ctx.id, ROOT_CONTEXT_ID)
+            running = export
+            return call(export, *args)
+        except WasmTrap as exc:
+            exc.callback = running  # type: ignore[attr-defined]
+            raise
+        finally:
+            self._effective = self.root
+
     def _invoke_each(self, ctx: Context, exports: tuple[str, ...],
                      *args: int) -> tuple[str, WasmTrap] | None:
         """``_invoke`` for several callbacks in a row (a stream's end); stops at the first

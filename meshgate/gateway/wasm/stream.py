@@ -19,7 +19,7 @@ from .actions import (
     ResetStream,
     StreamAction,
 )
-from .context import ROOT_CONTEXT_ID, Buffer, StreamContext
+from .context import Buffer, StreamContext
 from .headers import HeaderMap
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ class HttpStream:
         plugin that decides at once, and two coroutines per plugin and phase showed in
         its profile."""
         self.ctx.request_headers = headers
-        return self._call("proxy_on_request_headers", len(headers), end_of_stream, False)
+        return self._call("proxy_on_request_headers", len(headers._items), end_of_stream, False)
 
     async def request_body(self, body: bytearray | bytes,
                            end_of_stream: bool) -> StreamAction:
@@ -105,7 +105,8 @@ class HttpStream:
         status = headers.get(":status")
         ctx.response_code = int(status) if status and status.isdigit() else None
         ctx.response_code_details = "via_upstream"
-        return self._call("proxy_on_response_headers", len(headers), end_of_stream, False)
+        return self._call("proxy_on_response_headers", len(headers._items), end_of_stream,
+                          False)
 
     async def response_body(self, body: bytearray | bytes,
                             end_of_stream: bool) -> StreamAction:
@@ -160,27 +161,28 @@ class HttpStream:
 
     def _call(self, export: str, size: int, end_of_stream: bool | None,
               is_body: bool) -> StreamAction | None:
-        """Run one callback: its action, or None when the plugin paused the stream."""
+        """Run one callback: its action, or None when the plugin paused the stream.
+
+        Runs for every callback of every request: the helpers (``_alive``, ``_settled``)
+        are tested inline first and called only when they have something to say."""
         if self._skip or self._replied or self._finished:
             return CONTINUE
-        if not self._alive():
-            return self._failure()
         host, ctx = self.host, self.ctx
-        args = (ctx.id, size) if end_of_stream is None else (ctx.id, size, int(end_of_stream))
-        running = export
-        try:
-            if not self._created:
-                self._created = True
-                running = "proxy_on_context_create"  # the log names the callback that trapped
-                host._invoke(ctx, running, ctx.id, ROOT_CONTEXT_ID)
-                running = export
-            action = host._invoke(ctx, export, *args)
-        except WasmTrap as exc:
-            host.trapped(running, exc)
+        if self._generation != host.generation or host.vm.broken:
             return self._failure()
-        settled = self._settled()
-        if settled is not None:
-            return settled
+        args = (ctx.id, size) if end_of_stream is None else (ctx.id, size, int(end_of_stream))
+        try:
+            if self._created:
+                action = host._invoke(ctx, export, *args)
+            else:
+                self._created = True
+                action = host._invoke_created(ctx, export, args)
+        except WasmTrap as exc:
+            # The log names the callback that trapped (context creation or this one).
+            host.trapped(getattr(exc, "callback", export), exc)
+            return self._failure()
+        if ctx.failed or ctx.reset_requested or ctx.local_reply is not None:
+            return self._settled()
         if not action or action == Action.CONTINUE:
             return CONTINUE
         if ctx.continued:
