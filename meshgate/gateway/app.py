@@ -21,6 +21,7 @@ from opentelemetry import trace
 from meshgate.gateway import resources as res
 from meshgate.gateway.admin import admin_app
 from meshgate.gateway.config import ConfigHolder, Incomplete, SidecarConfig, assemble
+from meshgate.gateway.downstream import HeaderTimedServer
 from meshgate.gateway.filters import PluginLoader, close_hosts
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.proxy import DataPath, DataPathSettings
@@ -191,9 +192,19 @@ class Sidecar:
             # Close after the swap's requests finish; cleanup() drains gracefully.
             self._spawn(self._listeners.pop(name).runner.cleanup())
 
+    def _headers_timeout(self, listener: str) -> float | None:
+        current = self.holder.current
+        lc = current.listeners.get(listener) if current else None
+        return lc.spec.request_headers_timeout_s if lc else None
+
     async def _open(self, name: str, address: tuple[str, int]) -> None:
-        server = web.Server(
+        server = HeaderTimedServer(
             self.data_path.handler(name),
+            headers_timeout=lambda: self._headers_timeout(name),
+            # After a reply sent before the client's body ended, read and drop the rest
+            # for up to 1 s, then close: Envoy's delayed_close_timeout (aiohttp's own
+            # default is 10 s).
+            lingering_time=1.0,
             access_log=None,
             auto_decompress=False,  # a proxy forwards the bytes it got
             max_line_size=self.options.max_request_header_bytes,

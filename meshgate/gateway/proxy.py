@@ -168,8 +168,12 @@ class DataPath:
         if lc.plugins:
             limit = self.settings.max_buffered_body
             chain = PluginChain.start(lc.plugins, request, span, limit, w3c)
+        timeout_s = lc.spec.request_timeout_s
+        deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None
         try:
-            return route.cluster, await self._exchange(request, route, cluster, up_headers, chain)
+            return route.cluster, await self._exchange(
+                request, route, cluster, up_headers, chain, deadline
+            )
         except ProxyError as exc:
             log.warning("%s %s → %s", request.method, request.raw_path, exc)
             return route.cluster, _error_response(exc)
@@ -204,14 +208,25 @@ class DataPath:
         cluster: UpstreamCluster,
         up_headers: CIMultiDict[str],
         chain: PluginChain | None,
+        deadline: float | None = None,
     ) -> web.StreamResponse:
+        """`deadline` (loop time): the listener's `request_timeout`, as Envoy's: the whole
+        request (the plugins' request phase, then the body) must be in by then."""
         path = route.rewrite(request.raw_path)
         if chain is not None:
-            await chain.request_headers(request.method, path, up_headers, request)
+            if deadline is None:
+                await chain.request_headers(request.method, path, up_headers, request)
+            else:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await chain.request_headers(request.method, path, up_headers, request)
+                except TimeoutError as exc:
+                    raise ProxyError(408, "downstream_request_timeout",
+                                     "plugins still deciding at the request timeout") from exc
             path = chain.path or path
         body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
-            body = _body_stream(request, self.settings.body_idle_timeout_s)
+            body = _body_stream(request, self.settings.body_idle_timeout_s, deadline)
             if chain is not None:
                 body = await _framed_through_plugins(chain, body, up_headers)
         upstream = await self._send(request.method, path, route, cluster, up_headers, body)
@@ -338,14 +353,23 @@ class BodyStreamError(Exception):
         self.status, self.cause = status, cause
 
 
-async def _body_stream(request: web.BaseRequest, idle_s: float) -> AsyncIterator[bytes]:
-    """The client's body, chunk by chunk, failing clearly on a stall or a broken body."""
+async def _body_stream(
+    request: web.BaseRequest, idle_s: float, deadline: float | None = None
+) -> AsyncIterator[bytes]:
+    """The client's body, chunk by chunk, failing clearly on a stall, a broken body, or
+    the listener's request timeout (`deadline`, loop time)."""
     content = request.content
+    loop = asyncio.get_running_loop()
     while True:
+        limit = loop.time() + idle_s
+        whole = deadline is not None and deadline < limit
         try:
-            async with asyncio.timeout(idle_s):
+            async with asyncio.timeout_at(deadline if whole else limit):
                 chunk = await content.readany()
         except TimeoutError as exc:
+            if whole:
+                raise BodyStreamError(408, "downstream_request_timeout",
+                                      "body not in by the request timeout") from exc
             raise BodyStreamError(408, "downstream_body_timeout", f"no body for {idle_s}s") from exc
         except (ConnectionError, aiohttp.ClientConnectionError) as exc:
             raise BodyStreamError(400, "downstream_disconnect", repr(exc)) from exc
@@ -442,11 +466,16 @@ def _pick(cluster: UpstreamCluster) -> Endpoint:
 
 
 def _error_response(exc: ProxyError) -> web.Response:
-    return web.Response(
+    response = web.Response(
         status=exc.status,
         text=f"{exc.cause}\n",
         headers={ERROR_HEADER: exc.cause},
     )
+    if exc.status == 408:
+        # The client's body was not read to its end: what is left of it must not be
+        # taken for a next request on this connection (Envoy closes it too).
+        response.force_close()
+    return response
 
 
 def _local_reply(reply: LocalReply) -> web.Response:

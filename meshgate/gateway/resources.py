@@ -180,6 +180,7 @@ class Listener:
     route_config_name: str
     plugin_filters: tuple[str, ...] = ()  # ECDS resource names, in filter order
     request_timeout_s: float | None = None  # whole downstream request, as HCM's
+    request_headers_timeout_s: float | None = None  # first byte to end of headers
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,10 @@ def decode_listener(raw: listener_pb2.Listener) -> Listener:
     chain.filters[0].typed_config.Unpack(hcm)
     route_name, plugins = _decode_hcm(hcm, where)
     timeout = _seconds(hcm.request_timeout) if hcm.HasField("request_timeout") else None
-    return Listener(raw.name, sock.address, sock.port_value, route_name, plugins, timeout or None)
+    headers_timeout = (_seconds(hcm.request_headers_timeout)
+                       if hcm.HasField("request_headers_timeout") else None)
+    return Listener(raw.name, sock.address, sock.port_value, route_name, plugins,
+                    timeout or None, headers_timeout or None)
 
 
 _HCM_FIELDS = {

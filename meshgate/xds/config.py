@@ -50,6 +50,7 @@ class Listener:
     routes: tuple[Route, ...]
     plugins: tuple[str, ...] = ()
     request_timeout_s: float | None = None
+    request_headers_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,10 @@ def _listener(raw: dict[str, Any], index: int, source: str) -> Listener:
         plugins=tuple(raw.get("plugins", [])),
         request_timeout_s=(
             parse_duration(raw["request_timeout"]) if "request_timeout" in raw else None
+        ),
+        request_headers_timeout_s=(
+            parse_duration(raw["request_headers_timeout"])
+            if "request_headers_timeout" in raw else None
         ),
     )
 

@@ -157,6 +157,8 @@ def _listener(listener: Listener, port: int | None, config: MeshConfig) -> liste
     )
     if listener.request_timeout_s is not None:
         manager.request_timeout.CopyFrom(r.duration(listener.request_timeout_s))
+    if listener.request_headers_timeout_s is not None:
+        manager.request_headers_timeout.CopyFrom(r.duration(listener.request_headers_timeout_s))
     return listener_pb2.Listener(
         name=listener.name,
         address=_socket_address(listener.address, port or listener.port),

@@ -229,6 +229,9 @@ class ListenerSpec:
     plugins: list[str]
     # The route always goes to the conformance upstream.
     route_timeout: str = "5s"
+    # Listener timeouts (meshgate.yaml durations), when a test sets them.
+    request_timeout: str | None = None
+    request_headers_timeout: str | None = None
 
 
 def distinct_free_ports(count: int, avoid: set[int]) -> list[int]:
@@ -257,7 +260,10 @@ def planes_config(listeners: list[ListenerSpec], plugins: list[dict[str, Any]],
         "listeners": [
             {"name": item.name, "port": envoy_ports[item.name], "plugins": item.plugins,
              "routes": [{"name": "all", "prefix": "/", "cluster": "conformance",
-                         "timeout": item.route_timeout}]}
+                         "timeout": item.route_timeout}],
+             **({"request_timeout": item.request_timeout} if item.request_timeout else {}),
+             **({"request_headers_timeout": item.request_headers_timeout}
+                if item.request_headers_timeout else {})}
             for item in listeners
         ],
         "clusters": clusters,

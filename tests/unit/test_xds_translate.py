@@ -114,3 +114,20 @@ def test_versions_follow_content_only(tmp_path: Path) -> None:
     assert moved.of_type(r.CLUSTER)["web"].version == first.of_type(r.CLUSTER)["web"].version
     assert moved.of_type(r.CLUSTER)["meshgate_plugins"].version != \
         first.of_type(r.CLUSTER)["meshgate_plugins"].version
+
+
+def test_listener_timeouts_reach_the_connection_manager(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    raw_listener = {"name": "timed", "port": 10002, "request_timeout": "30s",
+                    "request_headers_timeout": "500ms",
+                    "routes": [{"prefix": "/", "cluster": "web"}]}
+    timed = from_dict({"listeners": [raw_listener],
+                       "clusters": [{"name": "web", "endpoints": ["127.0.0.1:8080"]}]},
+                      source="t", base_dir=tmp_path)
+    manager = hcm(translate.for_proxy(timed, SERVER, node_id="e",
+                                      node_cluster="envoy")[r.LISTENER]["timed"])
+    assert manager.request_timeout.seconds == 30
+    assert manager.request_headers_timeout.nanos == 500_000_000
+    untimed = hcm(translate.for_proxy(cfg, SERVER, node_id="e",
+                                      node_cluster="envoy")[r.LISTENER]["admin"])
+    assert not untimed.HasField("request_headers_timeout")

@@ -87,6 +87,15 @@ def test_listener_gives_address_route_name_and_plugins_in_order() -> None:
     assert decoded.plugin_filters == ("meshgate.plugin.auth", "meshgate.plugin.rl")
 
 
+def test_listener_timeouts_are_read_from_the_connection_manager() -> None:
+    timed = res.decode_listener(listener(
+        [router()], request_timeout=duration_pb2.Duration(seconds=30),
+        request_headers_timeout=duration_pb2.Duration(nanos=500_000_000)))
+    assert (timed.request_timeout_s, timed.request_headers_timeout_s) == (30.0, 0.5)
+    plain = res.decode_listener(listener([router()]))
+    assert (plain.request_timeout_s, plain.request_headers_timeout_s) == (None, None)
+
+
 def test_unsupported_http_filter_is_refused_with_its_name() -> None:
     lua = hcm_pb2.HttpFilter(name="envoy.filters.http.lua", typed_config=pack(struct_pb2.Struct()))
     with pytest.raises(res.UnsupportedConfig) as err:
