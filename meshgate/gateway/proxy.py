@@ -465,10 +465,14 @@ def _pick(cluster: UpstreamCluster) -> Endpoint:
         raise ProxyError(503, "no_healthy_upstream", cluster.spec.name) from exc
 
 
+# Replies whose body Envoy fixes (clients may match on it); the others carry the cause.
+_ENVOY_BODIES = {"downstream_request_timeout": "request timeout"}
+
+
 def _error_response(exc: ProxyError) -> web.Response:
     response = web.Response(
         status=exc.status,
-        text=f"{exc.cause}\n",
+        text=_ENVOY_BODIES.get(exc.cause, f"{exc.cause}\n"),
         headers={ERROR_HEADER: exc.cause},
     )
     if exc.status == 408:

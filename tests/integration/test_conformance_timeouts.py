@@ -75,5 +75,6 @@ def test_a_body_not_in_by_the_request_timeout_gets_408(planes: ConformancePlanes
     request = b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc"
     for plane, (reply, closed) in both(planes, request, 4.0).items():
         assert status(reply) == 408, (plane, reply, planes.logs())
+        assert reply.endswith(b"\r\n\r\nrequest timeout"), (plane, reply)
         # The rest of the body must not be read as a next request: the connection goes.
         assert closed, plane
