@@ -221,7 +221,10 @@ class DataPath:
                     async with asyncio.timeout_at(deadline):
                         await chain.request_headers(request.method, path, up_headers, request)
                 except TimeoutError as exc:
-                    raise ProxyError(408, "downstream_request_timeout",
+                    # Envoy's code: 504 once the client has sent the whole request (the
+                    # wait is the proxy's), 408 while it has not.
+                    received = not request.body_exists or request.content.is_eof()
+                    raise ProxyError(504 if received else 408, "downstream_request_timeout",
                                      "plugins still deciding at the request timeout") from exc
             path = chain.path or path
         body: bytes | AsyncIterator[bytes] | None = None

@@ -11,7 +11,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support.conformance import ConformancePlanes, ConformanceUpstream, ListenerSpec
+from tests.support.conformance import (
+    ConformancePlanes,
+    ConformanceUpstream,
+    ListenerSpec,
+    Request,
+)
+from tests.support.stack import PLUGINS
+
+EXAMPLES = PLUGINS / "examples"
 
 pytestmark = [pytest.mark.envoy]
 
@@ -21,8 +29,12 @@ def planes(tmp_path_factory: pytest.TempPathFactory,
            upstream: ConformanceUpstream) -> Iterator[ConformancePlanes]:
     path = tmp_path_factory.mktemp("conformance-timeouts")
     listeners = [ListenerSpec("timed", [], request_timeout="1s",
-                              request_headers_timeout="500ms")]
-    with ConformancePlanes(path, listeners, [], upstream) as both:
+                              request_headers_timeout="500ms"),
+                 ListenerSpec("timed-callout", ["http-auth-random"], request_timeout="1s")]
+    # A plugin that pauses each request on an HTTP callout (the proxy-wasm 0.2.0 example).
+    plugins = [{"name": "http-auth-random", "wasm": str(EXAMPLES / "http_auth_random.wasm")}]
+    with ConformancePlanes(path, listeners, plugins, upstream,
+                           extra_clusters={"httpbin": upstream.port}) as both:
         yield both
 
 
@@ -78,3 +90,19 @@ def test_a_body_not_in_by_the_request_timeout_gets_408(planes: ConformancePlanes
         assert reply.endswith(b"\r\n\r\nrequest timeout"), (plane, reply)
         # The rest of the body must not be read as a next request: the connection goes.
         assert closed, plane
+
+
+def test_a_plugin_still_deciding_at_the_request_timeout_gets_504(
+        planes: ConformancePlanes, upstream: ConformanceUpstream) -> None:
+    # The whole (bodyless) request is in; the wait is the proxy's: Envoy answers 504.
+    upstream.next_bytes, upstream.bytes_delay_s = b"\x02", 3.0  # allowed, but late
+    try:
+        envoy, sidecar = planes.send_raw("timed-callout", Request("/late"))
+    finally:
+        upstream.next_bytes, upstream.bytes_delay_s = None, 0.0
+    assert envoy.status == sidecar.status == 504, (envoy, sidecar, planes.logs())
+    assert envoy.body == sidecar.body == b"request timeout"
+    # Known difference (decision 0400): Envoy runs the plugin's response callbacks over
+    # its own reply (the example adds `powered-by`), the sidecar's own replies skip them.
+    assert envoy.headers.get("powered-by") == "proxy-wasm"
+    assert "powered-by" not in sidecar.headers

@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -77,7 +78,8 @@ DROPPED_UPSTREAM_REQUEST = frozenset({"host", "x-request-id", "x-forwarded-proto
 class ConformanceUpstream:
     """A deterministic upstream on loopback (a thread; blocking tests can use it).
 
-    - `GET /bytes/<n>`: n bytes (httpbin's shape): `next_bytes` if set, else random.
+    - `GET /bytes/<n>`: n bytes (httpbin's shape): `next_bytes` if set, else random;
+      sent after `bytes_delay_s` (a slow callout target).
     - `/say/<text>?repeat=N`: `text/plain` body, the text N times (for body rewriting).
     - `/status/<code>`: that status with a small JSON body.
     - anything else: JSON `{method, path, body_bytes, headers}` where `headers` are the
@@ -88,6 +90,7 @@ class ConformanceUpstream:
 
     def __init__(self) -> None:
         self.next_bytes: bytes | None = None
+        self.bytes_delay_s = 0.0
         self.seen: list[dict[str, str]] = []
         self._lock = threading.Lock()
         upstream = self
@@ -141,7 +144,8 @@ class ConformanceUpstream:
         if url.path.startswith("/bytes/"):
             count = int(url.path.rsplit("/", 1)[1])
             with self._lock:
-                chosen = self.next_bytes
+                chosen, delay = self.next_bytes, self.bytes_delay_s
+            time.sleep(delay)
             payload = chosen if chosen is not None else random.randbytes(count)
             content_type = "application/octet-stream"
         elif url.path.startswith("/say/"):
