@@ -176,13 +176,13 @@ class DataPath:
             )
         except ProxyError as exc:
             log.warning("%s %s → %s", request.method, request.raw_path, exc)
-            return route.cluster, _error_response(exc)
+            if chain is None:
+                return route.cluster, _error_response(exc)
+            return route.cluster, await _error_through_plugins(chain, exc, request)
         except PluginReplied as replied:
             return route.cluster, _local_reply(replied.reply)
         except StreamReset:
-            if request.transport is not None:
-                request.transport.close()
-            return route.cluster, web.Response(status=499)
+            return route.cluster, _reset(request)
         finally:
             if chain is not None:
                 await chain.finish()
@@ -483,6 +483,34 @@ def _error_response(exc: ProxyError) -> web.Response:
         # taken for a next request on this connection (Envoy closes it too).
         response.force_close()
     return response
+
+
+async def _error_through_plugins(
+    chain: PluginChain, exc: ProxyError, request: web.BaseRequest
+) -> web.Response:
+    """The sidecar's own reply, through the plugins' response callbacks: Envoy passes its
+    local replies (503 connect failure, 504 request timeout, ...) through the filters'
+    encode path, so a plugin that adds headers to every response adds them there too."""
+    plain = _error_response(exc)
+    headers = CIMultiDict(plain.headers)
+    headers.popall("content-length", None)
+    try:
+        await chain.response_headers(exc.status, headers)
+        body = await chain.whole_response_body(plain.body or b"")  # type: ignore[arg-type]
+    except PluginReplied as replied:
+        return _local_reply(replied.reply)
+    except StreamReset:
+        return _reset(request)
+    reply = web.Response(status=chain.status or exc.status, headers=headers, body=body)
+    if exc.status == 408:
+        reply.force_close()  # as _error_response: the rest of the body must not be parsed
+    return reply
+
+
+def _reset(request: web.BaseRequest) -> web.Response:
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=499)
 
 
 def _local_reply(reply: LocalReply) -> web.Response:
