@@ -100,6 +100,8 @@ class PluginChain:
         self.limit = limit
         self.path: str | None = None
         self.status: int | None = None
+        #: Whether the plugins have seen response headers (an upstream's, or a reply's).
+        self.responded = False
 
     @classmethod
     def start(
@@ -131,6 +133,7 @@ class PluginChain:
             _write_back(hmap, headers)
 
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
+        self.responded = True
         wasm = _wasm()
         pairs = [(":status", str(status))]
         pairs.extend(headers.items())

@@ -176,7 +176,7 @@ class DataPath:
             )
         except ProxyError as exc:
             log.warning("%s %s → %s", request.method, request.raw_path, exc)
-            if chain is None:
+            if chain is None or chain.responded:  # the plugins saw a response already
                 return route.cluster, _error_response(exc)
             return route.cluster, await _error_through_plugins(chain, exc, request)
         except PluginReplied as replied:

@@ -50,6 +50,23 @@ async def test_rate_limit_plugin_answers_429_after_its_tokens(tmp_path: Path) ->
 
 
 @needs_plugins
+async def test_the_sidecars_own_replies_pass_through_the_plugins(tmp_path: Path) -> None:
+    # As Envoy's local replies do: the rate limiter's headers reach a 503 made by the
+    # sidecar when the upstream is down.
+    port, dead = free_port(), free_port()
+    stack = await start_stack(tmp_path, limited(port, dead, 3))
+    try:
+        async with running_sidecar(stack), aiohttp.ClientSession() as client:
+            async with client.get(f"http://127.0.0.1:{port}/x") as resp:
+                assert resp.status == 503
+                assert resp.headers["x-meshgate-error"] == "upstream_connect_failure"
+                assert resp.headers["ratelimit-remaining"] == "2"
+                assert await resp.text() == "upstream_connect_failure\n"
+    finally:
+        stack.__exit__(None, None, None)
+
+
+@needs_plugins
 async def test_plugin_that_fails_to_load_is_nacked_and_old_plugin_keeps_serving(
     tmp_path: Path,
 ) -> None:
