@@ -295,8 +295,12 @@ copy_out(Guest *g, const char *data, Py_ssize_t n, uint32_t ret_ptr, uint32_t re
     PyObject *call = alloc == Py_None ? NULL : PyObject_GetAttr(alloc, s_call);
     Py_DECREF(alloc);
     if (call == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(guest_memory_error, "plugin exports no malloc");
+        if (!PyErr_Occurred()) { /* as VM.copy_out: empty return slots, then the error */
+            put_u32(g, ret_ptr, 0);
+            put_u32(g, ret_size, 0);
+            PyErr_SetString(guest_memory_error,
+                            "plugin exports no malloc/proxy_on_memory_allocate");
+        }
         return -1;
     }
     PyObject *size = PyLong_FromSsize_t(n);
