@@ -14,6 +14,7 @@ import platform
 import tempfile
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,24 @@ class ModuleCache:
     a miss and overwritten.
     """
 
+    #: Modules kept in memory, most recently used last: a push that changes only a
+    #: plugin's configuration reuses its module without reading the disk again.
+    MEMO_SIZE = 8
+
     def __init__(self, directory: Path | None) -> None:
         self.directory = directory
+        self._memo: OrderedDict[tuple[wasmtime.Engine, str], wasmtime.Module] = OrderedDict()
+
+    def _remember(self, engine: wasmtime.Engine, sha256: str, module: wasmtime.Module) -> None:
+        key = (engine, sha256)
+        self._memo[key] = module
+        self._memo.move_to_end(key)
+        while len(self._memo) > self.MEMO_SIZE:
+            self._memo.popitem(last=False)
+
+    def forget(self) -> None:
+        """Drop the in-memory modules (the disk cache stays)."""
+        self._memo.clear()
 
     def _path(self, sha256: str) -> Path | None:
         if self.directory is None:
@@ -165,14 +182,21 @@ class ModuleCache:
         return self.compile(engine, sha256, wasm), False
 
     def cached(self, engine: wasmtime.Engine, sha256: str) -> wasmtime.Module | None:
-        """The cached module, or None. Cheap (the file is mapped): the sidecar calls it
-        on the event loop, where a thread hop would cost as much again."""
+        """The cached module, or None. Cheap (in memory, or a mapped file): the sidecar
+        calls it on the event loop, where a thread hop would cost as much again."""
+        module = self._memo.get((engine, sha256))
+        if module is not None:
+            self._memo.move_to_end((engine, sha256))
+            return module
         path = self._path(sha256)
         if path is not None and path.exists():
             try:
-                return wasmtime.Module.deserialize_file(engine, str(path))
+                module = wasmtime.Module.deserialize_file(engine, str(path))
             except wasmtime.WasmtimeError as exc:
                 log.warning("module cache entry %s unusable, recompiling: %s", path, exc)
+                return None
+            self._remember(engine, sha256, module)
+            return module
         return None
 
     def compile(self, engine: wasmtime.Engine, sha256: str, wasm: bytes) -> wasmtime.Module:
@@ -185,6 +209,7 @@ class ModuleCache:
             with os.fdopen(fd, "wb") as f:
                 f.write(module.serialize())
             os.replace(tmp, path)
+        self._remember(engine, sha256, module)
         return module
 
 

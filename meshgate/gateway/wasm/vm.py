@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import weakref
 
 import wasmtime
 
@@ -25,9 +26,17 @@ class VMLoadError(Exception):
     """The module cannot become a proxy-wasm VM (no ABI marker, no memory, start trapped)."""
 
 
+_EXPORT_NAMES: weakref.WeakKeyDictionary[wasmtime.Module, frozenset[str]] = (
+    weakref.WeakKeyDictionary())
+
+
 def module_export_names(module: wasmtime.Module) -> frozenset[str]:
-    """What a module exports, by name (a plugin host computes it once per module)."""
-    return export_names(module)
+    """What a module exports, by name: read once per module (a module the cache keeps in
+    memory serves every push of the same binary)."""
+    names = _EXPORT_NAMES.get(module)
+    if names is None:
+        names = _EXPORT_NAMES[module] = export_names(module)
+    return names
 
 
 class PluginVM:

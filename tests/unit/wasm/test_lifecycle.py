@@ -340,6 +340,18 @@ async def test_trap_during_start(load):
 
 
 # -- module cache -------------------------------------------------------------------------
+async def test_a_binary_already_loaded_is_reused_from_memory(load, services, tmp_path):
+    # A configuration-only push: the module comes from memory, not from the disk.
+    await load(plugin(), name="a")
+    for entry in (tmp_path / "modules").iterdir():
+        entry.unlink()
+    again = await load(plugin(), name="a-reconfigured")
+    assert again.module_from_cache
+    assert await again.new_stream().request_headers(req(), True) == CONTINUE
+    services.module_cache.forget()  # nothing on disk, nothing in memory: compiled again
+    assert not (await load(plugin(), name="a-fresh")).module_from_cache
+
+
 async def test_second_load_comes_from_the_module_cache(load):
     first = await load(plugin(), name="a")
     second = await load(plugin(), name="b")
