@@ -23,7 +23,6 @@ from yarl import URL
 
 from meshgate.gateway.plugin_resources import PluginBinaryCache, PluginResource
 from meshgate.gateway.resources import UnsupportedConfig
-from meshgate.gateway.tracing import w3c_context
 from meshgate.otel import WasiTracing
 
 if TYPE_CHECKING:
@@ -106,11 +105,11 @@ class PluginChain:
     @classmethod
     def start(
         cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int,
-        w3c: tuple[str, str] | None = None,
+        w3c: tuple[str, str] | None,
     ) -> PluginChain:
-        """`w3c`: the request span's (traceparent, tracestate), when already computed."""
+        """`w3c`: the request span's (traceparent, tracestate) (`tracing.w3c_context`)."""
         # One StreamInfo for all the plugins of the request: the host only reads it.
-        info = _stream_info(request, span, w3c if w3c is not None else w3c_context(span))
+        info = _stream_info(request, span, w3c)
         return cls([p.new_stream(info) for p in plugins], limit)
 
     async def request_headers(

@@ -478,6 +478,10 @@ def _error_response(exc: ProxyError) -> web.Response:
         text=_ENVOY_BODIES.get(exc.cause, f"{exc.cause}\n"),
         headers={ERROR_HEADER: exc.cause},
     )
+    return _closing_if_body_unread(response, exc)
+
+
+def _closing_if_body_unread(response: web.Response, exc: ProxyError) -> web.Response:
     if exc.status == 408:
         # The client's body was not read to its end: what is left of it must not be
         # taken for a next request on this connection (Envoy closes it too).
@@ -501,10 +505,8 @@ async def _error_through_plugins(
         return _local_reply(replied.reply)
     except StreamReset:
         return _reset(request)
-    reply = web.Response(status=chain.status or exc.status, headers=headers, body=body)
-    if exc.status == 408:
-        reply.force_close()  # as _error_response: the rest of the body must not be parsed
-    return reply
+    return _closing_if_body_unread(
+        web.Response(status=chain.status or exc.status, headers=headers, body=body), exc)
 
 
 def _reset(request: web.BaseRequest) -> web.Response:

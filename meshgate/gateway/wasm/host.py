@@ -171,39 +171,26 @@ class PluginHost:
         finally:
             self._effective = self.root
 
-    def _invoke_created(self, ctx: Context, export: str, args: tuple[int, ...]) -> int | None:
-        """A stream's first callback: ``proxy_on_context_create`` then ``export``, in one
-        activation. A trap carries the name of the callback it came from (``callback``)."""
+    def _invoke_each(self, ctx: Context,
+                     calls: tuple[tuple[str, tuple[int, ...]], ...]) -> int | None:
+        """``_invoke`` for several callbacks in a row, in one activation (a stream's first
+        callback after its context creation; its three closing callbacks). Returns the
+        last result; a trap stops the row and carries the callback's name (``callback``).
+        """
         imports = self._imports
         if imports.env.t is not self:
             imports.activate(self)
         self._effective = ctx
         call = self.vm.call
-        running = "proxy_on_context_create"
+        result = None
         try:
-            call(running, ctx.id, ROOT_CONTEXT_ID)
-            running = export
-            return call(export, *args)
-        except WasmTrap as exc:
-            exc.callback = running  # type: ignore[attr-defined]
-            raise
-        finally:
-            self._effective = self.root
-
-    def _invoke_each(self, ctx: Context, exports: tuple[str, ...],
-                     *args: int) -> tuple[str, WasmTrap] | None:
-        """``_invoke`` for several callbacks in a row (a stream's end); stops at the first
-        trap and returns it with the callback's name."""
-        self._imports.activate(self)
-        self._effective = ctx
-        call = self.vm.call
-        try:
-            for export in exports:
+            for export, args in calls:
                 try:
-                    call(export, *args)
+                    result = call(export, *args)
                 except WasmTrap as exc:
-                    return export, exc
-            return None
+                    exc.callback = export  # type: ignore[attr-defined]
+                    raise
+            return result
         finally:
             self._effective = self.root
 

@@ -19,7 +19,7 @@ from .actions import (
     ResetStream,
     StreamAction,
 )
-from .context import Buffer, StreamContext
+from .context import ROOT_CONTEXT_ID, Buffer, StreamContext
 from .headers import HeaderMap
 
 if TYPE_CHECKING:
@@ -137,9 +137,11 @@ class HttpStream:
         self.host.streams.pop(self.ctx.id, None)
         if not self._created or not self._alive():
             return
-        failed = self.host._invoke_each(self.ctx, _FINISH_EXPORTS, self.ctx.id)
-        if failed is not None:
-            self.host.trapped(*failed)
+        args = (self.ctx.id,)
+        try:
+            self.host._invoke_each(self.ctx, tuple((e, args) for e in _FINISH_EXPORTS))
+        except WasmTrap as exc:
+            self.host.trapped(exc.callback, exc)  # type: ignore[attr-defined]
 
     # -- machinery ----------------------------------------------------------------------
     def _alive(self) -> bool:
@@ -176,7 +178,8 @@ class HttpStream:
                 action = host._invoke(ctx, export, *args)
             else:
                 self._created = True
-                action = host._invoke_created(ctx, export, args)
+                action = host._invoke_each(
+                    ctx, (("proxy_on_context_create", (ctx.id, ROOT_CONTEXT_ID)), (export, args)))
         except WasmTrap as exc:
             # The log names the callback that trapped (context creation or this one).
             host.trapped(getattr(exc, "callback", export), exc)
