@@ -228,6 +228,7 @@ typedef struct {
 } HostFunction;
 
 #include "_fastpaths.h"
+#include "_driver.h"
 
 /* wasmtime_func_unchecked_callback_t; env is the HostFunction, kept alive by the
  * linker's owner on the Python side (HostFunctionTable). */
@@ -407,6 +408,13 @@ static PyMethodDef crossing_methods[] = {
     {"configure", (PyCFunction)configure, METH_O,
      "configure(GuestMemoryError): the exception a bad guest pointer raises; fast paths "
      "stay off until it is set."},
+    {"configure_driver", (PyCFunction)(void (*)(void))configure_driver, METH_FASTCALL,
+     "configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap): the driver stays on the "
+     "Python path until it is called."},
+    {"drive", (PyCFunction)(void (*)(void))drive, METH_FASTCALL,
+     "drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled."},
+    {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
+     "invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -423,7 +431,7 @@ PyInit__crossing(void)
 {
     if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0)
         return NULL;
-    if (init_fast_paths() < 0)
+    if (init_fast_paths() < 0 || init_driver() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&crossing_module);
     if (m == NULL)

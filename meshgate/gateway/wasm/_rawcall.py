@@ -71,6 +71,10 @@ class GuestMemoryError(Exception):
 if _compiled is not None:
     _compiled.configure(GuestMemoryError)  # what the compiled fast paths raise
 
+#: The compiled stream driver (decision 1100), or None: with the ctypes crossing, and
+#: with the call probe on (it wraps ``PluginVM.call``, which the driver does not call).
+COMPILED_DRIVER = _compiled if _compiled is not None and not callstats.ENABLED else None
+
 
 class HostAbort(Exception):
     """Raised by a host function to stop the guest with a trap (e.g. WASI ``proc_exit``)."""

@@ -194,6 +194,12 @@ class PluginHost:
         finally:
             self._effective = self.root
 
+    def _invoke_all(self, ctx: Context, exports: tuple[str, ...],
+                    args: tuple[int, ...]) -> int | None:
+        """``_invoke_each`` with the same arguments for every callback; the reference for
+        the compiled driver's ``invoke_all``."""
+        return self._invoke_each(ctx, tuple((export, args) for export in exports))
+
     def trapped(self, callback: str, exc: WasmTrap) -> None:
         """The one log line per trap; the VM is recreated for the next stream."""
         self.vm.broken = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from ._rawcall import WasmTrap
+from ._rawcall import COMPILED_DRIVER, WasmTrap
 from .abi import Action
 from .actions import (
     CONTINUE,
@@ -76,7 +76,8 @@ class HttpStream:
         plugin that decides at once, and two coroutines per plugin and phase showed in
         its profile."""
         self.ctx.request_headers = headers
-        return self._call("proxy_on_request_headers", len(headers._items), end_of_stream, False)
+        return _drive(self, "proxy_on_request_headers", len(headers._items), end_of_stream,
+                      False)
 
     async def request_body(self, body: bytearray | bytes,
                            end_of_stream: bool) -> StreamAction:
@@ -105,8 +106,8 @@ class HttpStream:
         status = headers.get(":status")
         ctx.response_code = int(status) if status and status.isdigit() else None
         ctx.response_code_details = "via_upstream"
-        return self._call("proxy_on_response_headers", len(headers._items), end_of_stream,
-                          False)
+        return _drive(self, "proxy_on_response_headers", len(headers._items), end_of_stream,
+                      False)
 
     async def response_body(self, body: bytearray | bytes,
                             end_of_stream: bool) -> StreamAction:
@@ -118,7 +119,7 @@ class HttpStream:
                             end_of_stream: bool) -> StreamAction | None:
         """As ``begin_request_headers``, for a response body (``response_body``)."""
         self.ctx.response_body = Buffer(_mutable(body), mutable=True)
-        return self._call("proxy_on_response_body", len(body), end_of_stream, True)
+        return _drive(self, "proxy_on_response_body", len(body), end_of_stream, True)
 
     async def response_trailers(self, trailers: HeaderMap) -> StreamAction:
         self.ctx.response_trailers = trailers
@@ -137,9 +138,8 @@ class HttpStream:
         self.host.streams.pop(self.ctx.id, None)
         if not self._created or not self._alive():
             return
-        args = (self.ctx.id,)
         try:
-            self.host._invoke_each(self.ctx, tuple((e, args) for e in _FINISH_EXPORTS))
+            _invoke_all(self.host, self.ctx, _FINISH_EXPORTS, (self.ctx.id,))
         except WasmTrap as exc:
             self.host.trapped(exc.callback, exc)  # type: ignore[attr-defined]
 
@@ -158,15 +158,17 @@ class HttpStream:
 
     async def _run(self, export: str, size: int, end_of_stream: bool | None,
                    is_body: bool) -> StreamAction:
-        action = self._call(export, size, end_of_stream, is_body)
+        action = _drive(self, export, size, end_of_stream, is_body)
         return action if action is not None else await self.resumed()
 
     def _call(self, export: str, size: int, end_of_stream: bool | None,
               is_body: bool) -> StreamAction | None:
         """Run one callback: its action, or None when the plugin paused the stream.
 
-        Runs for every callback of every request: the helpers (``_alive``, ``_settled``)
-        are tested inline first and called only when they have something to say."""
+        The reference for the compiled driver (``_driver.h``), which runs instead in the
+        common case and calls this for anything else. Runs for every callback of every
+        request: the helpers (``_alive``, ``_settled``) are tested inline first and
+        called only when they have something to say."""
         if self._skip or self._replied or self._finished:
             return CONTINUE
         host, ctx = self.host, self.ctx
@@ -182,8 +184,7 @@ class HttpStream:
                     ctx, (("proxy_on_context_create", (ctx.id, ROOT_CONTEXT_ID)), (export, args)))
         except WasmTrap as exc:
             # The log names the callback that trapped (context creation or this one).
-            host.trapped(getattr(exc, "callback", export), exc)
-            return self._failure()
+            return self._after_trap(getattr(exc, "callback", export), exc)
         if ctx.failed or ctx.reset_requested or ctx.local_reply is not None:
             return self._settled()
         if not action or action == Action.CONTINUE:
@@ -194,6 +195,10 @@ class HttpStream:
         if is_body and not end_of_stream:
             return STOP_AND_BUFFER
         return None
+
+    def _after_trap(self, callback: str, exc: WasmTrap) -> StreamAction:
+        self.host.trapped(callback, exc)
+        return self._failure()
 
     def _settled(self) -> StreamAction | None:
         """A local reply, reset or failure the plugin caused during (or while paused)."""
@@ -255,3 +260,19 @@ class HttpStream:
         regular = [(k, v) for k, v in headers if not k.startswith(":") and k != "content-length"]
         return LocalReply(int(status) if status and status.isdigit() else reply.status,
                           regular, bytes(ctx.response_body.data), reply.details)
+
+
+#: ``_drive(stream, export, size, end_of_stream, is_body)``: ``HttpStream._call``, or the
+#: compiled driver where the compiled crossings are in use (decision 1100).
+if COMPILED_DRIVER is not None:
+    COMPILED_DRIVER.configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap)
+_drive = COMPILED_DRIVER.drive if COMPILED_DRIVER is not None else HttpStream._call
+
+
+def _invoke_all_py(host: PluginHost, ctx: StreamContext, exports: tuple[str, ...],
+                   args: tuple[int, ...]) -> int | None:
+    return host._invoke_all(ctx, exports, args)
+
+
+_invoke_all = (COMPILED_DRIVER.invoke_all if COMPILED_DRIVER is not None
+               else _invoke_all_py)

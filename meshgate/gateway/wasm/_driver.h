@@ -1,0 +1,415 @@
+/* The compiled stream driver (decision 1100): one C call per plugin callback of a stream.
+ *
+ * `drive(stream, export, size, end_of_stream, is_body)` does what `HttpStream._call`,
+ * `PluginHost._invoke_each` and `PluginVM.call` do together in Python, for the common
+ * case only: a live stream of a live VM, nothing nested, the export already looked up.
+ * Anything else (a stream skipped or replied, a VM replaced or broken, an export seen for
+ * the first time, a call from inside the guest) runs `stream._call(...)`, the Python
+ * reference, before anything has changed. After the callback, a trap, a local reply, a
+ * reset or a failure the plugin caused goes to the same Python methods the reference
+ * calls (`_after_trap`, `_settled`), so only the plain continue/pause mapping is here.
+ *
+ * `invoke_all(host, ctx, exports, args)` is `PluginHost._invoke_all`: the same
+ * arguments to several callbacks in one activation (a stream's closing three).
+ *
+ * The Python objects are read through their attributes, by name, so the Python classes
+ * stay the one definition of their state; tests/unit/wasm runs through both drivers.
+ */
+
+static PyObject *d_skip, *d_replied, *d_finished, *d_created, *d_generation, *d_host,
+    *d_ctx, *d_host_generation, *d_vm, *d_broken, *d_depth, *d_funcs, *d_call, *d_imports,
+    *d_env, *d_t, *d_activate, *d_effective, *d_root, *d_clock, *d_ticks, *d_armed_at,
+    *d_arm_deadline, *d_id, *d_failed, *d_reset_requested, *d_local_reply, *d_continued,
+    *d_settled, *d_py_call, *d_after_trap, *d_callback, *d_py_invoke_all,
+    *d_context_create;
+static PyObject *d_continue, *d_stop_and_buffer, *d_wasm_trap; /* set by configure_driver */
+static PyObject *d_one; /* the root context id, the second argument of context creation */
+
+static int
+init_driver(void)
+{
+#define INTERN(var, text) if ((var = PyUnicode_InternFromString(text)) == NULL) return -1
+    INTERN(d_skip, "_skip");
+    INTERN(d_replied, "_replied");
+    INTERN(d_finished, "_finished");
+    INTERN(d_created, "_created");
+    INTERN(d_generation, "_generation");
+    INTERN(d_host, "host");
+    INTERN(d_ctx, "ctx");
+    INTERN(d_host_generation, "generation");
+    INTERN(d_vm, "vm");
+    INTERN(d_broken, "broken");
+    INTERN(d_depth, "depth");
+    INTERN(d_funcs, "funcs");
+    INTERN(d_call, "call");
+    INTERN(d_imports, "_imports");
+    INTERN(d_env, "env");
+    INTERN(d_t, "t");
+    INTERN(d_activate, "activate");
+    INTERN(d_effective, "_effective");
+    INTERN(d_root, "root");
+    INTERN(d_clock, "_clock");
+    INTERN(d_ticks, "ticks");
+    INTERN(d_armed_at, "_armed_at");
+    INTERN(d_arm_deadline, "_arm_deadline");
+    INTERN(d_id, "id");
+    INTERN(d_failed, "failed");
+    INTERN(d_reset_requested, "reset_requested");
+    INTERN(d_local_reply, "local_reply");
+    INTERN(d_continued, "continued");
+    INTERN(d_settled, "_settled");
+    INTERN(d_py_call, "_call");
+    INTERN(d_after_trap, "_after_trap");
+    INTERN(d_callback, "callback");
+    INTERN(d_py_invoke_all, "_invoke_all");
+    INTERN(d_context_create, "proxy_on_context_create");
+#undef INTERN
+    d_one = PyLong_FromLong(1);
+    return d_one == NULL ? -1 : 0;
+}
+
+/* getattr as a truth value: 1, 0, or -1 with an exception. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    if (v == NULL)
+        return -1;
+    int r = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* The VM's compiled call for `export`: *call is a new reference, or NULL if the plugin
+ * does not export it. Returns 0, FALLBACK (1) when the export was never looked up (the
+ * Python path fills `funcs`), or -1 with an exception. */
+static int
+lookup_export(PyObject *vm, PyObject *export, PyObject **call)
+{
+    *call = NULL;
+    PyObject *funcs = PyObject_GetAttr(vm, d_funcs);
+    if (funcs == NULL)
+        return -1;
+    if (!PyDict_CheckExact(funcs)) {
+        Py_DECREF(funcs);
+        return 1;
+    }
+    PyObject *raw = PyDict_GetItemWithError(funcs, export); /* borrowed */
+    int rc = 0;
+    if (raw == NULL)
+        rc = PyErr_Occurred() ? -1 : 1;
+    else if (raw != Py_None && (*call = PyObject_GetAttr(raw, d_call)) == NULL)
+        rc = -1;
+    Py_DECREF(funcs);
+    return rc;
+}
+
+/* The VM is at depth 0 (nothing of it on the stack): 1, 0, or -1 with an exception. */
+static int
+vm_idle(PyObject *vm)
+{
+    PyObject *depth = PyObject_GetAttr(vm, d_depth);
+    if (depth == NULL)
+        return -1;
+    int idle = PyLong_CheckExact(depth) && PyLong_AsLong(depth) == 0;
+    Py_DECREF(depth);
+    return idle;
+}
+
+/* PluginVM.call's deadline arming: only when the epoch clock has ticked since. */
+static int
+arm_deadline(PyObject *vm)
+{
+    PyObject *clock = PyObject_GetAttr(vm, d_clock);
+    if (clock == NULL)
+        return -1;
+    int stale = 1;
+    if (clock != Py_None) {
+        PyObject *ticks = PyObject_GetAttr(clock, d_ticks);
+        PyObject *armed = ticks ? PyObject_GetAttr(vm, d_armed_at) : NULL;
+        stale = armed ? PyObject_RichCompareBool(ticks, armed, Py_NE) : -1;
+        Py_XDECREF(ticks);
+        Py_XDECREF(armed);
+    }
+    Py_DECREF(clock);
+    if (stale <= 0)
+        return stale;
+    PyObject *r = PyObject_CallMethodNoArgs(vm, d_arm_deadline);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* One outermost call into the guest, as PluginVM.call: deadline, depth, and a trap
+ * marks the VM broken. `call` may be NULL (not exported): None. New reference or NULL. */
+static PyObject *
+vm_call(PyObject *vm, PyObject *call, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (call == NULL)
+        Py_RETURN_NONE;
+    if (arm_deadline(vm) < 0)
+        return NULL;
+    if (PyObject_SetAttr(vm, d_depth, d_one) < 0)
+        return NULL;
+    PyObject *result = PyObject_Vectorcall(call, args, (size_t)nargs, NULL);
+    if (result == NULL && PyErr_ExceptionMatches(d_wasm_trap)) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        if (PyObject_SetAttr(vm, d_broken, Py_True) < 0)
+            PyErr_Clear(); /* the trap matters more; the VM object is ours */
+        PyErr_Restore(t, v, tb);
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL || PyObject_SetAttr(vm, d_depth, zero) < 0) {
+        Py_XDECREF(zero);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(zero);
+    return result;
+}
+
+/* Make `host` the running host of the shared import table, and `ctx` its effective
+ * context (PluginHost._invoke_each's first lines). */
+static int
+enter_host(PyObject *host, PyObject *ctx)
+{
+    PyObject *imports = PyObject_GetAttr(host, d_imports);
+    if (imports == NULL)
+        return -1;
+    PyObject *env = PyObject_GetAttr(imports, d_env);
+    PyObject *t = env ? PyObject_GetAttr(env, d_t) : NULL;
+    int rc = t == NULL ? -1 : 0;
+    if (rc == 0 && t != host) {
+        PyObject *r = PyObject_CallMethodOneArg(imports, d_activate, host);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(t);
+    Py_XDECREF(env);
+    Py_DECREF(imports);
+    if (rc == 0)
+        rc = PyObject_SetAttr(host, d_effective, ctx);
+    return rc;
+}
+
+/* The effective context goes back to the root, keeping any exception set. */
+static int
+leave_host(PyObject *host)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyObject *root = PyObject_GetAttr(host, d_root);
+    int rc = root ? PyObject_SetAttr(host, d_effective, root) : -1;
+    Py_XDECREF(root);
+    if (t != NULL) {
+        if (rc < 0)
+            PyErr_Clear();
+        PyErr_Restore(t, v, tb);
+        return -1;
+    }
+    return rc;
+}
+
+/* A trap's exception names its callback (`WasmTrap.callback`), as _invoke_each does. */
+static void
+name_trap(PyObject *export)
+{
+    if (!PyErr_ExceptionMatches(d_wasm_trap))
+        return;
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && PyObject_SetAttr(v, d_callback, export) < 0)
+        PyErr_Clear();
+    PyErr_Restore(t, v, tb);
+}
+
+/* The stream's preconditions for the compiled path: 1 (take it), 0 (fall back), -1. */
+static int
+stream_ready(PyObject *stream, PyObject *host, PyObject *vm)
+{
+    int r;
+    if ((r = attr_true(stream, d_skip)) != 0 || (r = attr_true(stream, d_replied)) != 0 ||
+        (r = attr_true(stream, d_finished)) != 0)
+        return r < 0 ? -1 : 0;
+    PyObject *mine = PyObject_GetAttr(stream, d_generation);
+    PyObject *now = mine ? PyObject_GetAttr(host, d_host_generation) : NULL;
+    r = now ? PyObject_RichCompareBool(mine, now, Py_EQ) : -1;
+    Py_XDECREF(mine);
+    Py_XDECREF(now);
+    if (r <= 0)
+        return r;
+    if ((r = attr_true(vm, d_broken)) != 0)
+        return r < 0 ? -1 : 0;
+    return vm_idle(vm);
+}
+
+/* After the callback: a failure, reset or local reply the plugin caused goes to
+ * `_settled`; otherwise the action maps to CONTINUE, STOP_AND_BUFFER or None (paused). */
+static PyObject *
+map_action(PyObject *stream, PyObject *ctx, PyObject *action, int end_of_stream,
+           int is_body)
+{
+    int r;
+    if ((r = attr_true(ctx, d_failed)) != 0 || (r = attr_true(ctx, d_reset_requested)) != 0)
+        return r < 0 ? NULL : PyObject_CallMethodNoArgs(stream, d_settled);
+    PyObject *reply = PyObject_GetAttr(ctx, d_local_reply);
+    if (reply == NULL)
+        return NULL;
+    Py_DECREF(reply);
+    if (reply != Py_None)
+        return PyObject_CallMethodNoArgs(stream, d_settled);
+    if ((r = PyObject_Not(action)) != 0) /* None or 0 (Action.CONTINUE) */
+        return r < 0 ? NULL : Py_NewRef(d_continue);
+    if ((r = attr_true(ctx, d_continued)) != 0) {
+        if (r < 0 || PyObject_SetAttr(ctx, d_continued, Py_False) < 0)
+            return NULL;
+        return Py_NewRef(d_continue);
+    }
+    if (is_body && !end_of_stream)
+        return Py_NewRef(d_stop_and_buffer);
+    Py_RETURN_NONE;
+}
+
+/* drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled. */
+static PyObject *
+drive(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drive(stream, export, size, end_of_stream, is_body)");
+        return NULL;
+    }
+    /* The argument vector is the Python reference's, self first. */
+    if (d_wasm_trap == NULL)
+        return PyObject_VectorcallMethod(d_py_call, args, 5, NULL);
+    PyObject *stream = args[0], *export = args[1], *size = args[2], *eos = args[3];
+    int is_body = PyObject_IsTrue(args[4]);
+    int end_of_stream = eos == Py_None ? 0 : PyObject_IsTrue(eos);
+    if (is_body < 0 || end_of_stream < 0)
+        return NULL;
+    PyObject *host = NULL, *vm = NULL, *ctx = NULL, *call = NULL, *create = NULL;
+    PyObject *ctx_id = NULL, *result = NULL, *action = NULL;
+    int ready = -1, created = 1;
+    if ((host = PyObject_GetAttr(stream, d_host)) == NULL ||
+        (vm = PyObject_GetAttr(host, d_vm)) == NULL)
+        goto done;
+    ready = stream_ready(stream, host, vm);
+    if (ready > 0) {
+        created = attr_true(stream, d_created);
+        int rc = created < 0 ? -1 : lookup_export(vm, export, &call);
+        if (rc == 0 && !created)
+            rc = lookup_export(vm, d_context_create, &create);
+        ready = rc < 0 ? -1 : rc == 0;
+    }
+    if (ready == 0)
+        action = PyObject_VectorcallMethod(d_py_call, args, 5, NULL);
+    if (ready <= 0)
+        goto done;
+    if ((ctx = PyObject_GetAttr(stream, d_ctx)) == NULL ||
+        (ctx_id = PyObject_GetAttr(ctx, d_id)) == NULL ||
+        (!created && PyObject_SetAttr(stream, d_created, Py_True) < 0) ||
+        enter_host(host, ctx) < 0)
+        goto done;
+    /* From here the stream has changed: a trap goes to the Python failure methods. */
+    PyObject *trapped = export;
+    if (!created) {
+        PyObject *cargs[2] = {ctx_id, d_one};
+        result = vm_call(vm, create, cargs, 2);
+        trapped = result == NULL ? d_context_create : export;
+    }
+    if (created || result != NULL) {
+        Py_XDECREF(result);
+        PyObject *cargs[3] = {ctx_id, size, end_of_stream ? Py_True : Py_False};
+        result = vm_call(vm, call, cargs, eos == Py_None ? 2 : 3);
+    }
+    if (leave_host(host) < 0 && result != NULL)
+        Py_CLEAR(result);
+    if (result != NULL) {
+        action = map_action(stream, ctx, result, end_of_stream, is_body);
+    } else if (PyErr_ExceptionMatches(d_wasm_trap)) {
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (v != NULL && tb != NULL)
+            PyException_SetTraceback(v, tb);
+        action = PyObject_CallMethodObjArgs(stream, d_after_trap, trapped,
+                                            v ? v : Py_None, NULL);
+        Py_XDECREF(t);
+        Py_XDECREF(v);
+        Py_XDECREF(tb);
+    }
+done:
+    Py_XDECREF(host);
+    Py_XDECREF(vm);
+    Py_XDECREF(ctx);
+    Py_XDECREF(call);
+    Py_XDECREF(create);
+    Py_XDECREF(ctx_id);
+    Py_XDECREF(result);
+    return action;
+}
+
+/* invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled. */
+static PyObject *
+invoke_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyTuple_CheckExact(args[2]) || !PyTuple_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "invoke_all(host, ctx, exports: tuple, args: tuple)");
+        return NULL;
+    }
+    PyObject *host = args[0], *ctx = args[1], *exports = args[2], *cargs = args[3];
+    Py_ssize_t n = PyTuple_GET_SIZE(exports);
+    if (n > 8 || d_wasm_trap == NULL)
+        return PyObject_VectorcallMethod(d_py_invoke_all, args, 4, NULL);
+    PyObject *calls[8] = {NULL}, *vm = NULL, *result = NULL;
+    int ready = -1;
+    Py_ssize_t looked = 0;
+    if ((vm = PyObject_GetAttr(host, d_vm)) == NULL || (ready = vm_idle(vm)) <= 0)
+        goto checked;
+    for (; looked < n; looked++) {
+        int rc = lookup_export(vm, PyTuple_GET_ITEM(exports, looked), &calls[looked]);
+        if (rc != 0) {
+            ready = rc < 0 ? -1 : 0;
+            break;
+        }
+    }
+checked:
+    if (ready == 0)
+        result = PyObject_VectorcallMethod(d_py_invoke_all, args, 4, NULL);
+    if (ready <= 0)
+        goto done;
+    if (enter_host(host, ctx) < 0)
+        goto done;
+    result = Py_NewRef(Py_None);
+    PyObject *const *items = &PyTuple_GET_ITEM(cargs, 0);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_DECREF(result);
+        result = vm_call(vm, calls[i], items, PyTuple_GET_SIZE(cargs));
+        if (result == NULL) {
+            name_trap(PyTuple_GET_ITEM(exports, i));
+            break;
+        }
+    }
+    if (leave_host(host) < 0)
+        Py_CLEAR(result);
+done:
+    for (Py_ssize_t i = 0; i < looked; i++)
+        Py_XDECREF(calls[i]);
+    Py_XDECREF(vm);
+    return result;
+}
+
+static PyObject *
+configure_driver(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyExceptionClass_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap)");
+        return NULL;
+    }
+    Py_XSETREF(d_continue, Py_NewRef(args[0]));
+    Py_XSETREF(d_stop_and_buffer, Py_NewRef(args[1]));
+    Py_XSETREF(d_wasm_trap, Py_NewRef(args[2]));
+    Py_RETURN_NONE;
+}

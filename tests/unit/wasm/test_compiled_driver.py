@@ -1,0 +1,146 @@
+"""The compiled stream driver (decision 1100): `HttpStream._call` and
+`PluginHost._invoke_all` in C for the common case.
+
+What a stream answers is checked by every lifecycle test (tests/run_all.sh runs
+tests/unit/wasm through the compiled crossings, with this driver, and through ctypes,
+with the Python one). Here: a plain request stays in C, every case the driver leaves to
+Python gives the Python answer, the host's state after a trap is the one Python leaves,
+and the driver keeps no reference it should not.
+"""
+
+from __future__ import annotations
+
+import logging
+import tracemalloc
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from meshgate.gateway.wasm import CONTINUE, STOP_AND_BUFFER, HeaderMap, LocalReply
+from meshgate.gateway.wasm import stream as stream_module
+from meshgate.gateway.wasm._rawcall import COMPILED_DRIVER
+from meshgate.gateway.wasm.host import PluginHost
+from meshgate.gateway.wasm.stream import HttpStream
+
+from .wat import plugin
+
+pytestmark = pytest.mark.skipif(COMPILED_DRIVER is None,
+                                reason="the ctypes crossing drives streams in Python")
+
+BUFFER_UNTIL_END = "(if (result i32) (local.get $eos) (then (i32.const 0)) (else (i32.const 1)))"
+LOCAL_REPLY_ON_PATH_B = """
+  (drop (call $proxy_get_header_map_value (i32.const 0) @p #p (i32.const 0) (i32.const 4)))
+  (if (result i32) (i32.eq (i32.load8_u offset=1 (i32.load (i32.const 0))) (i32.const 0x62))
+      (then (drop (call $proxy_send_local_response (i32.const 403) (i32.const 0) (i32.const 0)
+                        @body #body (i32.const 0) (i32.const 0) (i32.const -1)))
+            (i32.const 1))
+      (else (i32.const 0)))"""
+
+
+@pytest.fixture
+def python_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Counts of the Python reference methods the driver falls back to."""
+    calls: Counter[str] = Counter()
+    for cls, name in ((HttpStream, "_call"), (PluginHost, "_invoke_all"),
+                      (PluginHost, "_invoke_each")):
+        original = getattr(cls, name)
+
+        def wrapper(self: Any, *args: Any, _name: str = name, _fn: Any = original) -> Any:
+            calls[_name] += 1
+            return _fn(self, *args)
+
+        monkeypatch.setattr(cls, name, wrapper)
+    return calls
+
+
+def request(path: str = "/a") -> HeaderMap:
+    return HeaderMap([(":method", "GET"), (":path", path), (":authority", "svc")])
+
+
+async def one_request(host: PluginHost, path: str = "/a") -> list[Any]:
+    stream = host.new_stream()
+    actions = [await stream.request_headers(request(path), False),
+               await stream.request_body(bytearray(b"part"), False),
+               await stream.request_body(bytearray(b"part-rest"), True),
+               await stream.response_headers(HeaderMap([(":status", "200")]), False),
+               await stream.response_body(bytearray(b"ok"), True)]
+    stream.finish()
+    return actions
+
+
+async def test_a_plain_request_stays_in_c_after_its_first(load: Any,
+                                                          python_calls: Counter[str]) -> None:
+    host = await load(plugin(on_request_body=BUFFER_UNTIL_END))
+    first = await one_request(host)
+    # The first stream looks each export up through Python, which fills the VM's table.
+    assert python_calls["_call"] > 0 and python_calls["_invoke_all"] == 1
+    python_calls.clear()
+    assert await one_request(host) == first
+    assert first == [CONTINUE, STOP_AND_BUFFER, CONTINUE, CONTINUE, CONTINUE]
+    assert python_calls == Counter()
+
+
+async def test_streams_the_driver_leaves_to_python_answer_as_python(
+        load: Any, python_calls: Counter[str]) -> None:
+    host = await load(plugin(strings={"p": b":path", "body": b"no"},
+                             on_request_headers=LOCAL_REPLY_ON_PATH_B), fail_open=True)
+    await one_request(host)
+    python_calls.clear()
+    stream = host.new_stream()
+    reply = await stream.request_headers(request("/b"), False)
+    assert reply == LocalReply(403, [("content-type", "text/plain")], b"no", "")
+    # The stream has replied: what follows is Python's no-op, never the plugin.
+    assert await stream.response_headers(HeaderMap([(":status", "200")]), False) == CONTINUE
+    assert python_calls["_call"] == 1
+    host.vm.broken = True  # as after a trap on another stream: fail-open skips the plugin
+    assert await host.new_stream().request_headers(request(), False) == CONTINUE
+
+
+async def test_a_trap_leaves_the_host_as_python_does(load: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="meshgate.gateway.wasm")
+    host = await load(plugin(on_response_headers="unreachable"), name="trapper")
+    stream = host.new_stream()
+    assert await stream.request_headers(request(), True) == CONTINUE
+    vm = host.vm
+    assert await stream.response_headers(HeaderMap([(":status", "200")]), True) == \
+        LocalReply(503, [], b"", "wasm_fail_stream")
+    assert vm.broken and vm.depth == 0 and host._effective is host.root
+    assert [r.getMessage().split(": ")[0] for r in caplog.records if "trapped" in
+            r.getMessage()] == [f"plugin 'trapper' (sha256 {host.spec.sha256[:12]}) "
+                                "trapped in proxy_on_response_headers"]
+    stream.finish()  # the VM it ran on is gone: nothing is called
+    # A new VM for the next stream, which traps in the same place and has replied since.
+    assert await one_request(host) == [CONTINUE, CONTINUE, CONTINUE,
+                                       LocalReply(503, [], b"", "wasm_fail_stream"), CONTINUE]
+    assert host.vm is not vm
+
+
+async def test_a_trap_in_the_closing_row_names_its_callback(load: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO, logger="meshgate.gateway.wasm")
+    host = await load(plugin(on_done="unreachable"), name="closer")
+    await one_request(host)
+    messages = [r.getMessage() for r in caplog.records if "trapped" in r.getMessage()]
+    assert len(messages) == 1 and "trapped in proxy_on_done: " in messages[0]
+    assert host._effective is host.root and host.vm.depth == 0
+
+
+async def test_the_driver_is_what_the_data_path_calls() -> None:
+    assert stream_module._drive is COMPILED_DRIVER.drive
+    assert stream_module._invoke_all is COMPILED_DRIVER.invoke_all
+
+
+async def test_the_driver_leaks_no_python_objects(load: Any) -> None:
+    # A reference kept by mistake in C would grow Python's heap on every request.
+    host = await load(plugin(on_request_body=BUFFER_UNTIL_END))
+    for _ in range(200):
+        await one_request(host)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3000):
+            await one_request(host)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 32 * 1024, f"Python heap grew {grown} bytes over 3,000 requests"
