@@ -8,4 +8,5 @@ run() { echo "==> $*"; .venv/bin/python "$@"; }
 run bench/xds_bench.py
 run bench/wasm_callpath.py
 run bench/wasm_host.py --plugins build/plugins
+run bench/plugin_chain.py --plugins build/plugins
 run bench/sidecar_bench.py --seconds 5 --rounds 3
