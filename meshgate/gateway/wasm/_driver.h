@@ -151,20 +151,23 @@ vm_call(PyObject *vm, PyObject *call, PyObject *const *args, Py_ssize_t nargs)
     if (PyObject_SetAttr(vm, d_depth, d_one) < 0)
         return NULL;
     PyObject *result = PyObject_Vectorcall(call, args, (size_t)nargs, NULL);
-    if (result == NULL && PyErr_ExceptionMatches(d_wasm_trap)) {
-        PyObject *t, *v, *tb;
+    /* No API call may run with the call's exception pending: set it aside until the VM's
+     * state is back (a pending exception can be lost inside an attribute store). */
+    PyObject *t = NULL, *v = NULL, *tb = NULL;
+    int trapped = result == NULL && PyErr_ExceptionMatches(d_wasm_trap);
+    if (result == NULL)
         PyErr_Fetch(&t, &v, &tb);
-        if (PyObject_SetAttr(vm, d_broken, Py_True) < 0)
-            PyErr_Clear(); /* the trap matters more; the VM object is ours */
+    int rc = trapped ? PyObject_SetAttr(vm, d_broken, Py_True) : 0;
+    PyObject *zero = rc == 0 ? PyLong_FromLong(0) : NULL;
+    rc = zero == NULL ? -1 : PyObject_SetAttr(vm, d_depth, zero);
+    Py_XDECREF(zero);
+    if (result == NULL) {
+        if (rc < 0)
+            PyErr_Clear(); /* the call's own exception matters more */
         PyErr_Restore(t, v, tb);
+    } else if (rc < 0) {
+        Py_CLEAR(result);
     }
-    PyObject *zero = PyLong_FromLong(0);
-    if (zero == NULL || PyObject_SetAttr(vm, d_depth, zero) < 0) {
-        Py_XDECREF(zero);
-        Py_XDECREF(result);
-        return NULL;
-    }
-    Py_DECREF(zero);
     return result;
 }
 

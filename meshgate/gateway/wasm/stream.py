@@ -271,6 +271,7 @@ _drive = COMPILED_DRIVER.drive if COMPILED_DRIVER is not None else HttpStream._c
 
 def _invoke_all_py(host: PluginHost, ctx: StreamContext, exports: tuple[str, ...],
                    args: tuple[int, ...]) -> int | None:
+    # A function, not ``PluginHost._invoke_all`` itself: host.py imports this module.
     return host._invoke_all(ctx, exports, args)
 
 

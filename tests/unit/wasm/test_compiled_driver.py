@@ -144,3 +144,35 @@ async def test_the_driver_leaks_no_python_objects(load: Any) -> None:
     finally:
         tracemalloc.stop()
     assert grown < 32 * 1024, f"Python heap grew {grown} bytes over 3,000 requests"
+
+
+async def test_a_trap_survives_a_cold_type_cache(load: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Storing an attribute looks its name up in the type first, and on a type-cache miss
+    # CPython clears any pending exception. A host call that changes the VM's class (so
+    # its cache entries go stale) before the guest traps made the driver lose the trap
+    # ("error return without exception set"): it must restore the VM with the trap aside.
+    from meshgate.gateway.wasm.imports import ProxyWasmImports
+    from meshgate.gateway.wasm.vm import PluginVM
+
+    original = ProxyWasmImports.proxy_log
+
+    def log_and_stale_the_type(self: Any, *args: int) -> Any:
+        PluginVM._cold = object()  # any class attribute store invalidates its cache
+        del PluginVM._cold
+        return original(self, *args)
+
+    monkeypatch.setattr(ProxyWasmImports, "proxy_log", log_and_stale_the_type)
+    trap_on_b = """
+      (drop (call $proxy_log (i32.const 2) @m #m))
+      (drop (call $proxy_get_header_map_value (i32.const 0) @p #p (i32.const 0) (i32.const 4)))
+      (if (i32.eq (i32.load8_u offset=1 (i32.load (i32.const 0))) (i32.const 0x62))
+          (then unreachable))
+      (i32.const 0)"""
+    host = await load(plugin(strings={"m": b"deciding", "p": b":path"},
+                             on_request_headers=trap_on_b))
+    for _ in range(3):
+        # A plain request first: the VM's exports are looked up, the next runs in C.
+        assert await host.new_stream().request_headers(request("/a"), True) == CONTINUE
+        assert await host.new_stream().request_headers(request("/b"), True) == \
+            LocalReply(503, [], b"", "wasm_fail_stream")
