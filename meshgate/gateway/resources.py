@@ -234,17 +234,32 @@ def decode_listener(raw: listener_pb2.Listener) -> Listener:
                     timeout or None, headers_timeout or None)
 
 
+# The connection manager fields the sidecar honours. Anything else (path normalisation,
+# access logs, idle timeouts, header size limits, ...) would be accepted and not done,
+# so it is NACKed with its name instead.
 _HCM_FIELDS = {
     "codec_type", "stat_prefix", "rds", "http_filters", "use_remote_address",
-    "generate_request_id", "normalize_path", "merge_slashes", "tracing",
-    "xff_num_trusted_hops", "access_log", "common_http_protocol_options",
-    "stream_idle_timeout", "request_timeout", "request_headers_timeout",
-    "max_request_headers_kb", "server_name", "drain_timeout",
+    "generate_request_id", "request_timeout", "request_headers_timeout",
 }  # fmt: skip
+_HTTP1_CODECS = (hcm_pb2.HttpConnectionManager.AUTO, hcm_pb2.HttpConnectionManager.HTTP1)
 
 
 def _decode_hcm(hcm: hcm_pb2.HttpConnectionManager, where: str) -> tuple[str, tuple[str, ...]]:
-    _check_fields(hcm, _HCM_FIELDS, f"{where} HttpConnectionManager")
+    where_hcm = f"{where} HttpConnectionManager"
+    _check_fields(hcm, _HCM_FIELDS, where_hcm)
+    if hcm.codec_type not in _HTTP1_CODECS:
+        codec = hcm_pb2.HttpConnectionManager.CodecType.Name(hcm.codec_type)
+        raise UnsupportedConfig(f"{where_hcm}: codec_type {codec} is not supported; the "
+                                "sidecar speaks HTTP/1.1 (AUTO or HTTP1)")
+    # What the sidecar always does, as Envoy does with these set: the client's address is
+    # appended to x-forwarded-for (Envoy appends only with use_remote_address), and a
+    # request without x-request-id gets one.
+    if not hcm.use_remote_address.value:
+        raise UnsupportedConfig(f"{where_hcm}: use_remote_address must be true; the sidecar "
+                                "always appends the client's address to x-forwarded-for")
+    if hcm.HasField("generate_request_id") and not hcm.generate_request_id.value:
+        raise UnsupportedConfig(f"{where_hcm}: generate_request_id false is not supported; "
+                                "the sidecar always sets x-request-id when it is missing")
     if not hcm.HasField("rds"):
         raise UnsupportedConfig(f"{where}: routes must come from RDS (rds.route_config_name)")
     filters = list(hcm.http_filters)
@@ -336,10 +351,12 @@ def _decode_header_match(raw: route_components_pb2.HeaderMatcher, where: str) ->
 # ---------------------------------------------------------------- clusters
 
 
+# dns_lookup_family and alt_stat_name change nothing for EDS and STATIC clusters (the only
+# types the sidecar takes); buffer limits and load-balancing options it would not honour.
 _CLUSTER_FIELDS = {
     "name", "type", "eds_cluster_config", "connect_timeout", "lb_policy",
-    "load_assignment", "dns_lookup_family", "alt_stat_name", "common_lb_config",
-    "per_connection_buffer_limit_bytes", "typed_extension_protocol_options",
+    "load_assignment", "dns_lookup_family", "alt_stat_name",
+    "typed_extension_protocol_options",
 }  # fmt: skip
 
 

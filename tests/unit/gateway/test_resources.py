@@ -59,6 +59,7 @@ def router() -> hcm_pb2.HttpFilter:
 
 
 def listener(filters: list[hcm_pb2.HttpFilter], **hcm_extra) -> listener_pb2.Listener:  # type: ignore[no-untyped-def]
+    hcm_extra.setdefault("use_remote_address", wrappers_pb2.BoolValue(value=True))
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="ingress",
         rds=hcm_pb2.Rds(route_config_name="ingress.routes"),
@@ -94,6 +95,34 @@ def test_listener_timeouts_are_read_from_the_connection_manager() -> None:
     assert (timed.request_timeout_s, timed.request_headers_timeout_s) == (30.0, 0.5)
     plain = res.decode_listener(listener([router()]))
     assert (plain.request_timeout_s, plain.request_headers_timeout_s) == (None, None)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("stream_idle_timeout", duration_pb2.Duration(seconds=5)),
+    ("normalize_path", wrappers_pb2.BoolValue(value=True)),
+    ("max_request_headers_kb", wrappers_pb2.UInt32Value(value=96)),
+    ("xff_num_trusted_hops", 1),
+])
+def test_connection_manager_fields_the_sidecar_would_not_honour_are_refused(
+        field: str, value: object) -> None:
+    with pytest.raises(res.UnsupportedConfig, match=f"field '{field}' is not supported"):
+        res.decode_listener(listener([router()], **{field: value}))
+
+
+def test_connection_manager_settings_that_differ_from_what_the_sidecar_does() -> None:
+    http2 = listener([router()], codec_type=hcm_pb2.HttpConnectionManager.HTTP2)
+    with pytest.raises(res.UnsupportedConfig, match="codec_type HTTP2 is not supported"):
+        res.decode_listener(http2)
+    for unset_or_false in ({"use_remote_address": wrappers_pb2.BoolValue(value=False)},
+                           {"use_remote_address": None}):
+        with pytest.raises(res.UnsupportedConfig, match="use_remote_address must be true"):
+            res.decode_listener(listener([router()], **unset_or_false))
+    no_ids = listener([router()], generate_request_id=wrappers_pb2.BoolValue(value=False))
+    with pytest.raises(res.UnsupportedConfig, match="generate_request_id false"):
+        res.decode_listener(no_ids)
+    http1 = listener([router()], codec_type=hcm_pb2.HttpConnectionManager.HTTP1,
+                     generate_request_id=wrappers_pb2.BoolValue(value=True))
+    assert res.decode_listener(http1).route_config_name == "ingress.routes"
 
 
 def test_unsupported_http_filter_is_refused_with_its_name() -> None:
