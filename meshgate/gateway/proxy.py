@@ -277,7 +277,8 @@ class DataPath:
             cause = _body_cause(exc)
             if cause is not None:
                 raise ProxyError(*cause, str(exc)) from exc
-            raise ProxyError(502, "upstream_reset", f"{endpoint}: {exc!r}") from exc
+            # Envoy's status for an upstream gone before its response headers.
+            raise ProxyError(503, "upstream_reset", f"{endpoint}: {exc!r}") from exc
         finally:
             cluster.finished(endpoint)
 
@@ -318,7 +319,7 @@ class DataPath:
         except TimeoutError as exc:
             raise ProxyError(504, "upstream_timeout", "while reading the body") from exc
         except aiohttp.ClientError as exc:
-            raise ProxyError(502, "upstream_reset", f"while reading the body: {exc!r}") from exc
+            raise ProxyError(502, "upstream_body_reset", f"while reading the body: {exc!r}") from exc
 
     async def _stream(
         self,
@@ -468,14 +469,23 @@ def _pick(cluster: UpstreamCluster) -> Endpoint:
         raise ProxyError(503, "no_healthy_upstream", cluster.spec.name) from exc
 
 
-# Replies whose body Envoy fixes (clients may match on it); the others carry the cause.
-_ENVOY_BODIES = {"downstream_request_timeout": "request timeout"}
+_BEFORE_HEADERS = "upstream connect error or disconnect/reset before headers. reset reason: "
+# Envoy 1.40's bodies for the same failures, as tests/integration/test_conformance_*.py
+# observe them (clients and plugins may match on them); the other replies carry the cause.
+_ENVOY_BODIES = {
+    "downstream_request_timeout": "request timeout",
+    "upstream_connect_failure": _BEFORE_HEADERS + "remote connection failure",
+    "upstream_reset": _BEFORE_HEADERS + "connection termination",
+    "upstream_timeout": "upstream request timeout",
+}
 
 
 def _error_response(exc: ProxyError) -> web.Response:
+    body = _ENVOY_BODIES.get(exc.cause)
     response = web.Response(
         status=exc.status,
-        text=_ENVOY_BODIES.get(exc.cause, f"{exc.cause}\n"),
+        body=(body or f"{exc.cause}\n").encode(),
+        content_type="text/plain",
         headers={ERROR_HEADER: exc.cause},
     )
     return _closing_if_body_unread(response, exc)

@@ -61,7 +61,9 @@ async def test_the_sidecars_own_replies_pass_through_the_plugins(tmp_path: Path)
                 assert resp.status == 503
                 assert resp.headers["x-meshgate-error"] == "upstream_connect_failure"
                 assert resp.headers["ratelimit-remaining"] == "2"
-                assert await resp.text() == "upstream_connect_failure\n"
+                assert await resp.text() == ("upstream connect error or disconnect/reset "
+                                             "before headers. reset reason: remote connection "
+                                             "failure")  # Envoy's body
     finally:
         stack.__exit__(None, None, None)
 

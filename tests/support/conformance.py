@@ -82,6 +82,7 @@ class ConformanceUpstream:
       sent after `bytes_delay_s` (a slow callout target).
     - `/say/<text>?repeat=N`: `text/plain` body, the text N times (for body rewriting).
     - `/status/<code>`: that status with a small JSON body.
+    - `/reset`: the connection closed after the request is read, with no response.
     - anything else: JSON `{method, path, body_bytes, headers}` where `headers` are the
       request headers it received minus `DROPPED_UPSTREAM_REQUEST` and `x-envoy-*`.
 
@@ -140,6 +141,9 @@ class ConformanceUpstream:
         with self._lock:
             self.seen.append(headers)
         url = urlsplit(handler.path)
+        if url.path == "/reset":
+            handler.close_connection = True
+            return
         status, content_type, payload = 200, "application/json", b""
         if url.path.startswith("/bytes/"):
             count = int(url.path.rsplit("/", 1)[1])
@@ -231,8 +235,9 @@ def assert_same(envoy: Observed, sidecar: Observed, what: str = "") -> None:
 class ListenerSpec:
     name: str
     plugins: list[str]
-    # The route always goes to the conformance upstream.
     route_timeout: str = "5s"
+    # The conformance upstream, unless a test names one of its extra clusters.
+    cluster: str = "conformance"
     # Listener timeouts (meshgate.yaml durations), when a test sets them.
     request_timeout: str | None = None
     request_headers_timeout: str | None = None
@@ -263,7 +268,7 @@ def planes_config(listeners: list[ListenerSpec], plugins: list[dict[str, Any]],
     config: dict[str, Any] = {
         "listeners": [
             {"name": item.name, "port": envoy_ports[item.name], "plugins": item.plugins,
-             "routes": [{"name": "all", "prefix": "/", "cluster": "conformance",
+             "routes": [{"name": "all", "prefix": "/", "cluster": item.cluster,
                          "timeout": item.route_timeout}],
              **({"request_timeout": item.request_timeout} if item.request_timeout else {}),
              **({"request_headers_timeout": item.request_headers_timeout}
