@@ -227,6 +227,7 @@ typedef struct {
     char result;
 } HostFunction;
 
+#include "_attrs.h"
 #include "_fastpaths.h"
 #include "_driver.h"
 

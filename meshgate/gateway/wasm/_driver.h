@@ -68,17 +68,19 @@ init_driver(void)
     return d_one == NULL ? -1 : 0;
 }
 
-/* getattr as a truth value: 1, 0, or -1 with an exception. */
+/* A new reference's truth value, the reference released: 1, 0, or -1 (NULL, or raised). */
 static int
-attr_true(PyObject *obj, PyObject *name)
+truth_of(PyObject *v)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL)
         return -1;
     int r = PyObject_IsTrue(v);
     Py_DECREF(v);
     return r;
 }
+
+/* getattr as a truth value, with the call site's attribute cache. */
+#define attr_true(obj, name) truth_of(GETATTR(obj, name))
 
 /* The VM's compiled call for `export`: *call is a new reference, or NULL if the plugin
  * does not export it. Returns 0, FALLBACK (1) when the export was never looked up (the
@@ -87,7 +89,7 @@ static int
 lookup_export(PyObject *vm, PyObject *export, PyObject **call)
 {
     *call = NULL;
-    PyObject *funcs = PyObject_GetAttr(vm, d_funcs);
+    PyObject *funcs = GETATTR(vm, d_funcs);
     if (funcs == NULL)
         return -1;
     if (!PyDict_CheckExact(funcs)) {
@@ -98,7 +100,7 @@ lookup_export(PyObject *vm, PyObject *export, PyObject **call)
     int rc = 0;
     if (raw == NULL)
         rc = PyErr_Occurred() ? -1 : 1;
-    else if (raw != Py_None && (*call = PyObject_GetAttr(raw, d_call)) == NULL)
+    else if (raw != Py_None && (*call = GETATTR(raw, d_call)) == NULL)
         rc = -1;
     Py_DECREF(funcs);
     return rc;
@@ -108,7 +110,7 @@ lookup_export(PyObject *vm, PyObject *export, PyObject **call)
 static int
 vm_idle(PyObject *vm)
 {
-    PyObject *depth = PyObject_GetAttr(vm, d_depth);
+    PyObject *depth = GETATTR(vm, d_depth);
     if (depth == NULL)
         return -1;
     int idle = PyLong_CheckExact(depth) && PyLong_AsLong(depth) == 0;
@@ -120,13 +122,13 @@ vm_idle(PyObject *vm)
 static int
 arm_deadline(PyObject *vm)
 {
-    PyObject *clock = PyObject_GetAttr(vm, d_clock);
+    PyObject *clock = GETATTR(vm, d_clock);
     if (clock == NULL)
         return -1;
     int stale = 1;
     if (clock != Py_None) {
-        PyObject *ticks = PyObject_GetAttr(clock, d_ticks);
-        PyObject *armed = ticks ? PyObject_GetAttr(vm, d_armed_at) : NULL;
+        PyObject *ticks = GETATTR(clock, d_ticks);
+        PyObject *armed = ticks ? GETATTR(vm, d_armed_at) : NULL;
         stale = armed ? PyObject_RichCompareBool(ticks, armed, Py_NE) : -1;
         Py_XDECREF(ticks);
         Py_XDECREF(armed);
@@ -148,7 +150,7 @@ vm_call(PyObject *vm, PyObject *call, PyObject *const *args, Py_ssize_t nargs)
         Py_RETURN_NONE;
     if (arm_deadline(vm) < 0)
         return NULL;
-    if (PyObject_SetAttr(vm, d_depth, d_one) < 0)
+    if (SETATTR(vm, d_depth, d_one) < 0)
         return NULL;
     PyObject *result = PyObject_Vectorcall(call, args, (size_t)nargs, NULL);
     /* No API call may run with the call's exception pending: set it aside until the VM's
@@ -157,9 +159,9 @@ vm_call(PyObject *vm, PyObject *call, PyObject *const *args, Py_ssize_t nargs)
     int trapped = result == NULL && PyErr_ExceptionMatches(d_wasm_trap);
     if (result == NULL)
         PyErr_Fetch(&t, &v, &tb);
-    int rc = trapped ? PyObject_SetAttr(vm, d_broken, Py_True) : 0;
+    int rc = trapped ? SETATTR(vm, d_broken, Py_True) : 0;
     PyObject *zero = rc == 0 ? PyLong_FromLong(0) : NULL;
-    rc = zero == NULL ? -1 : PyObject_SetAttr(vm, d_depth, zero);
+    rc = zero == NULL ? -1 : SETATTR(vm, d_depth, zero);
     Py_XDECREF(zero);
     if (result == NULL) {
         if (rc < 0)
@@ -176,11 +178,11 @@ vm_call(PyObject *vm, PyObject *call, PyObject *const *args, Py_ssize_t nargs)
 static int
 enter_host(PyObject *host, PyObject *ctx)
 {
-    PyObject *imports = PyObject_GetAttr(host, d_imports);
+    PyObject *imports = GETATTR(host, d_imports);
     if (imports == NULL)
         return -1;
-    PyObject *env = PyObject_GetAttr(imports, d_env);
-    PyObject *t = env ? PyObject_GetAttr(env, d_t) : NULL;
+    PyObject *env = GETATTR(imports, d_env);
+    PyObject *t = env ? GETATTR(env, d_t) : NULL;
     int rc = t == NULL ? -1 : 0;
     if (rc == 0 && t != host) {
         PyObject *r = PyObject_CallMethodOneArg(imports, d_activate, host);
@@ -191,7 +193,7 @@ enter_host(PyObject *host, PyObject *ctx)
     Py_XDECREF(env);
     Py_DECREF(imports);
     if (rc == 0)
-        rc = PyObject_SetAttr(host, d_effective, ctx);
+        rc = SETATTR(host, d_effective, ctx);
     return rc;
 }
 
@@ -201,8 +203,8 @@ leave_host(PyObject *host)
 {
     PyObject *t, *v, *tb;
     PyErr_Fetch(&t, &v, &tb);
-    PyObject *root = PyObject_GetAttr(host, d_root);
-    int rc = root ? PyObject_SetAttr(host, d_effective, root) : -1;
+    PyObject *root = GETATTR(host, d_root);
+    int rc = root ? SETATTR(host, d_effective, root) : -1;
     Py_XDECREF(root);
     if (t != NULL) {
         if (rc < 0)
@@ -235,8 +237,8 @@ stream_ready(PyObject *stream, PyObject *host, PyObject *vm)
     if ((r = attr_true(stream, d_skip)) != 0 || (r = attr_true(stream, d_replied)) != 0 ||
         (r = attr_true(stream, d_finished)) != 0)
         return r < 0 ? -1 : 0;
-    PyObject *mine = PyObject_GetAttr(stream, d_generation);
-    PyObject *now = mine ? PyObject_GetAttr(host, d_host_generation) : NULL;
+    PyObject *mine = GETATTR(stream, d_generation);
+    PyObject *now = mine ? GETATTR(host, d_host_generation) : NULL;
     r = now ? PyObject_RichCompareBool(mine, now, Py_EQ) : -1;
     Py_XDECREF(mine);
     Py_XDECREF(now);
@@ -256,7 +258,7 @@ map_action(PyObject *stream, PyObject *ctx, PyObject *action, int end_of_stream,
     int r;
     if ((r = attr_true(ctx, d_failed)) != 0 || (r = attr_true(ctx, d_reset_requested)) != 0)
         return r < 0 ? NULL : PyObject_CallMethodNoArgs(stream, d_settled);
-    PyObject *reply = PyObject_GetAttr(ctx, d_local_reply);
+    PyObject *reply = GETATTR(ctx, d_local_reply);
     if (reply == NULL)
         return NULL;
     Py_DECREF(reply);
@@ -265,7 +267,7 @@ map_action(PyObject *stream, PyObject *ctx, PyObject *action, int end_of_stream,
     if ((r = PyObject_Not(action)) != 0) /* None or 0 (Action.CONTINUE) */
         return r < 0 ? NULL : Py_NewRef(d_continue);
     if ((r = attr_true(ctx, d_continued)) != 0) {
-        if (r < 0 || PyObject_SetAttr(ctx, d_continued, Py_False) < 0)
+        if (r < 0 || SETATTR(ctx, d_continued, Py_False) < 0)
             return NULL;
         return Py_NewRef(d_continue);
     }
@@ -294,8 +296,8 @@ drive(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *host = NULL, *vm = NULL, *ctx = NULL, *call = NULL, *create = NULL;
     PyObject *ctx_id = NULL, *result = NULL, *action = NULL;
     int ready = -1, created = 1;
-    if ((host = PyObject_GetAttr(stream, d_host)) == NULL ||
-        (vm = PyObject_GetAttr(host, d_vm)) == NULL)
+    if ((host = GETATTR(stream, d_host)) == NULL ||
+        (vm = GETATTR(host, d_vm)) == NULL)
         goto done;
     ready = stream_ready(stream, host, vm);
     if (ready > 0) {
@@ -309,9 +311,9 @@ drive(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         action = PyObject_VectorcallMethod(d_py_call, args, 5, NULL);
     if (ready <= 0)
         goto done;
-    if ((ctx = PyObject_GetAttr(stream, d_ctx)) == NULL ||
-        (ctx_id = PyObject_GetAttr(ctx, d_id)) == NULL ||
-        (!created && PyObject_SetAttr(stream, d_created, Py_True) < 0) ||
+    if ((ctx = GETATTR(stream, d_ctx)) == NULL ||
+        (ctx_id = GETATTR(ctx, d_id)) == NULL ||
+        (!created && SETATTR(stream, d_created, Py_True) < 0) ||
         enter_host(host, ctx) < 0)
         goto done;
     /* From here the stream has changed: a trap goes to the Python failure methods. */
@@ -368,7 +370,7 @@ invoke_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *calls[8] = {NULL}, *vm = NULL, *result = NULL;
     int ready = -1;
     Py_ssize_t looked = 0;
-    if ((vm = PyObject_GetAttr(host, d_vm)) == NULL || (ready = vm_idle(vm)) <= 0)
+    if ((vm = GETATTR(host, d_vm)) == NULL || (ready = vm_idle(vm)) <= 0)
         goto checked;
     for (; looked < n; looked++) {
         int rc = lookup_export(vm, PyTuple_GET_ITEM(exports, looked), &calls[looked]);

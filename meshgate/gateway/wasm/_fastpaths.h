@@ -114,10 +114,10 @@ guest_release(Guest *g)
     Py_XDECREF(g->mem);
 }
 
+/* A new reference as an unsigned 64-bit value, the reference released; -1 on error. */
 static int
-read_u64_attr(PyObject *obj, PyObject *name, uint64_t *out)
+u64_of(PyObject *v, uint64_t *out)
 {
-    PyObject *v = PyObject_GetAttr(obj, name);
     if (v == NULL)
         return -1;
     *out = PyLong_AsUnsignedLongLong(v);
@@ -129,7 +129,8 @@ static int
 guest_size(Guest *g)
 {
     uint64_t base;
-    if (read_u64_attr(g->mem, s_base, &base) < 0 || read_u64_attr(g->mem, s_size, &g->size) < 0)
+    if (u64_of(GETATTR(g->mem, s_base), &base) < 0 ||
+        u64_of(GETATTR(g->mem, s_size), &g->size) < 0)
         return -1;
     g->base = (uint8_t *)(uintptr_t)base;
     return 0;
@@ -140,13 +141,13 @@ static int
 guest_load(HostFunction *h, Guest *g)
 {
     memset(g, 0, sizeof *g);
-    g->host = PyObject_GetAttr(h->state, s_t);
+    g->host = GETATTR(h->state, s_t);
     if (g->host == NULL || g->host == Py_None)
         goto fallback;
-    g->vm = PyObject_GetAttr(g->host, s_vm);
+    g->vm = GETATTR(g->host, s_vm);
     if (g->vm == NULL)
         goto fallback;
-    g->mem = PyObject_GetAttr(g->vm, s_mem);
+    g->mem = GETATTR(g->vm, s_mem);
     if (g->mem == NULL || guest_size(g) < 0)
         goto fallback;
     return 0;
@@ -177,12 +178,13 @@ effective_map(const Guest *g, uint32_t map_type, PyObject **map)
     *map = NULL;
     if (map_type > 3)
         return FALLBACK;
-    PyObject *ctx = PyObject_GetAttr(g->host, s_effective);
+    PyObject *ctx = GETATTR(g->host, s_effective);
     if (ctx == NULL) {
         PyErr_Clear();
         return FALLBACK;
     }
-    PyObject *m = PyObject_GetAttr(ctx, s_maps[map_type]);
+    static attr_cache maps_cache[4]; /* one per map type: the name differs */
+    PyObject *m = cached_getattr(ctx, s_maps[map_type], &maps_cache[map_type]);
     Py_DECREF(ctx);
     if (m == NULL) { /* a root context: let Python answer */
         PyErr_Clear();
@@ -235,7 +237,7 @@ same_ascii(PyObject *name, PyObject *key)
 static PyObject *
 map_items(PyObject *map)
 {
-    PyObject *items = PyObject_GetAttr(map, s_items);
+    PyObject *items = GETATTR(map, s_items);
     if (items == NULL) {
         PyErr_Clear();
         return NULL;
@@ -258,7 +260,7 @@ map_items(PyObject *map)
 static int
 count_edit(PyObject *map)
 {
-    PyObject *edits = PyObject_GetAttr(map, s_edits);
+    PyObject *edits = GETATTR(map, s_edits);
     if (edits == NULL)
         return -1;
     PyObject *one = PyLong_FromLong(1);
@@ -267,7 +269,7 @@ count_edit(PyObject *map)
     Py_XDECREF(one);
     if (next == NULL)
         return -1;
-    int rc = PyObject_SetAttr(map, s_edits, next);
+    int rc = SETATTR(map, s_edits, next);
     Py_DECREF(next);
     return rc;
 }
@@ -289,10 +291,10 @@ copy_out(Guest *g, const char *data, Py_ssize_t n, uint32_t ret_ptr, uint32_t re
         put_u32(g, ret_size, 0);
         return 0;
     }
-    PyObject *alloc = PyObject_GetAttr(g->vm, s_alloc);
+    PyObject *alloc = GETATTR(g->vm, s_alloc);
     if (alloc == NULL)
         return -1;
-    PyObject *call = alloc == Py_None ? NULL : PyObject_GetAttr(alloc, s_call);
+    PyObject *call = alloc == Py_None ? NULL : GETATTR(alloc, s_call);
     Py_DECREF(alloc);
     if (call == NULL) {
         if (!PyErr_Occurred()) { /* as VM.copy_out: empty return slots, then the error */
@@ -488,7 +490,7 @@ fast_remove_header(Guest *g, raw_val *vals)
         if (!same_ascii(PyTuple_GET_ITEM(kv, 0), key) && PyList_Append(kept, kv) < 0)
             goto done;
     }
-    if (count_edit(map) < 0 || PyObject_SetAttr(map, s_items, kept) < 0)
+    if (count_edit(map) < 0 || SETATTR(map, s_items, kept) < 0)
         goto done;
     set_status(vals, ST_OK);
     result = HANDLED;

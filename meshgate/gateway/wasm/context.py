@@ -150,6 +150,12 @@ class LocalReplyRequest:
 class StreamContext(Context):
     """One HTTP stream's context: its maps and bodies as the plugin sees them."""
 
+    __slots__ = ("id", "info", "root", "request_headers", "request_trailers",
+                 "response_headers", "response_trailers", "request_body", "response_body",
+                 "request_body_bytes", "response_code", "response_code_details",
+                 "properties", "local_reply", "resume", "continued", "failed",
+                 "reset_requested")
+
     def __init__(self, context_id: int, info: StreamInfo, root: RootContext) -> None:
         self.id = context_id
         self.info = info

@@ -54,6 +54,14 @@ def _synthetic_reply(status: int, body: bytes) -> tuple[list[tuple[str, str]], b
 class PluginHost:
     """A loaded plugin. Create with ``await PluginHost.create(spec, services)``."""
 
+    # Slots: the compiled driver and fast paths read vm, root, _effective and _imports on
+    # every callback, at the slot's offset (_attrs.h).
+    __slots__ = ("spec", "services", "module", "module_exports", "module_from_cache",
+                 "identity", "environment", "plugin_log", "vm", "root", "generation",
+                 "streams", "_effective", "_next_context_id", "_next_token", "_pending_calls",
+                 "_tasks", "_tick_task", "_tick_period_ms", "_loop", "_closed", "_imports",
+                 "_linker")
+
     def __init__(self, spec: PluginSpec, services: HostServices, module: wasmtime.Module,
                  from_cache: bool) -> None:
         self.spec = spec

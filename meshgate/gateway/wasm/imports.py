@@ -65,6 +65,8 @@ def _pairs_to_str(pairs: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
 class ProxyWasmImports:
     """The ``env`` host functions, bound to one plugin host."""
 
+    __slots__ = ("t",)
+
     def __init__(self, target: ImportTarget) -> None:
         self.t = target
 

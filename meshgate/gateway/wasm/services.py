@@ -104,6 +104,8 @@ class EpochTicker:
     ``PluginVM.call``).
     """
 
+    __slots__ = ("engine", "interval_s", "ticks", "_stop", "_thread")
+
     def __init__(self, engine: wasmtime.Engine, interval_s: float) -> None:
         self.engine = engine
         self.interval_s = interval_s

@@ -43,6 +43,8 @@ class HttpStream:
     from ``on_http_call_response`` — or ``services.pause_timeout_s`` passes.
     """
 
+    __slots__ = ("host", "ctx", "_generation", "_created", "_skip", "_replied", "_finished")
+
     def __init__(self, host: PluginHost, ctx: StreamContext, generation: int) -> None:
         self.host = host
         self.ctx = ctx

@@ -50,6 +50,9 @@ class PluginVM:
     call would cost more than the rest of a small callback's Python path.
     """
 
+    __slots__ = ("store", "deadline_ticks", "depth", "_ctx", "_clock", "_armed_at",
+                 "_instance", "_export_names", "mem", "funcs", "_alloc", "broken")
+
     def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module,
                  linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int,
                  epoch_clock: object | None = None,

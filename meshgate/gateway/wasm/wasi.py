@@ -35,6 +35,8 @@ class ProcExit(HostAbort):
 
 
 class WasiImports:
+
+    __slots__ = ("t",)
     def __init__(self, target: WasiTarget) -> None:
         self.t = target
 

@@ -176,3 +176,26 @@ async def test_a_trap_survives_a_cold_type_cache(load: Any,
         assert await host.new_stream().request_headers(request("/a"), True) == CONTINUE
         assert await host.new_stream().request_headers(request("/b"), True) == \
             LocalReply(503, [], b"", "wasm_fail_stream")
+
+
+async def test_attributes_are_read_as_python_reads_them(load: Any) -> None:
+    # The driver reads a slot at its offset only for the exact class it resolved it on
+    # (_attrs.h): a subclass that turns `_skip` into a property is read through it.
+    class AlwaysSkipped(HttpStream):
+        __slots__ = ()
+
+        @property  # type: ignore[override]
+        def _skip(self) -> bool:
+            return True
+
+        @_skip.setter
+        def _skip(self, value: bool) -> None:
+            HttpStream._skip.__set__(self, value)  # the slot underneath holds False
+
+    host = await load(plugin(strings={"p": b":path", "body": b"no"},
+                             on_request_headers=LOCAL_REPLY_ON_PATH_B))
+    await one_request(host)  # the plain class first: its offsets are remembered
+    reply = await host.new_stream().request_headers(request("/b"), True)
+    assert isinstance(reply, LocalReply) and reply.status == 403
+    skipped = AlwaysSkipped(host, host.new_stream().ctx, host.generation)
+    assert await skipped.request_headers(request("/b"), True) == CONTINUE

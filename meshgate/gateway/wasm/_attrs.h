@@ -1,0 +1,71 @@
+/* Attribute access by name, remembered per call site (decision 1100).
+ *
+ * The driver and the fast paths read the host's Python objects through their attributes,
+ * about 30 times a callback. `PyObject_GetAttr` looks the name up in the type and then
+ * in the instance each time. For a class with `__slots__`, the name resolves to a member
+ * descriptor at a fixed offset in the object: each call site remembers that offset with
+ * the type and the type's version tag, and reads or writes the slot directly while both
+ * still match. Anything else (another type, a class changed since, a plain attribute in
+ * a `__dict__`, an unset slot) takes the generic path, so the Python classes decide.
+ *
+ * Every call site has its own cache (`GETATTR`/`SETATTR` declare it), so a helper used
+ * for several types must take the cache from its caller.
+ */
+#include <structmember.h>
+
+typedef struct {
+    PyObject *name;       /* the name resolved (borrowed: the call site's interned name) */
+    PyTypeObject *type;   /* strong reference; NULL until resolved */
+    unsigned int version; /* the type's tp_version_tag when resolved */
+    Py_ssize_t offset;    /* of an object member; 0: the generic path */
+} attr_cache;
+
+/* The slot `name` lives in, in `obj`, or NULL for the generic path. Must not run with an
+ * exception pending (the type lookup may clear it). */
+static PyObject **
+attr_slot(PyObject *obj, PyObject *name, attr_cache *c)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp == c->type && name == c->name && tp->tp_version_tag == c->version &&
+        PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG))
+        return c->offset ? (PyObject **)((char *)obj + c->offset) : NULL;
+    PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
+    Py_ssize_t offset = 0;
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY))
+            offset = member->offset;
+    }
+    if (!PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG))
+        return NULL; /* nothing to key a cache on: generic path, resolve again next time */
+    Py_INCREF(tp);
+    Py_XSETREF(c->type, tp);
+    c->name = name;
+    c->version = tp->tp_version_tag;
+    c->offset = offset;
+    return offset ? (PyObject **)((char *)obj + offset) : NULL;
+}
+
+static PyObject *
+cached_getattr(PyObject *obj, PyObject *name, attr_cache *c)
+{
+    PyObject **slot = attr_slot(obj, name, c);
+    if (slot != NULL && *slot != NULL)
+        return Py_NewRef(*slot);
+    return PyObject_GetAttr(obj, name); /* also the AttributeError of an unset slot */
+}
+
+static int
+cached_setattr(PyObject *obj, PyObject *name, PyObject *value, attr_cache *c)
+{
+    PyObject **slot = attr_slot(obj, name, c);
+    if (slot == NULL)
+        return PyObject_SetAttr(obj, name, value);
+    Py_XSETREF(*slot, Py_NewRef(value));
+    return 0;
+}
+
+#define GETATTR(obj, name) \
+    ({ static attr_cache cache_; cached_getattr((obj), (name), &cache_); })
+#define SETATTR(obj, name, value) \
+    ({ static attr_cache cache_; cached_setattr((obj), (name), (value), &cache_); })
