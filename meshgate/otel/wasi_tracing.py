@@ -70,7 +70,7 @@ _INT = rb"(-?(?:0|[1-9][0-9]*+))"
 _NUM = rb"-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?"
 _VALUE = rb"(?:" + _STR + rb"|" + _NUM + rb"|true|false)"
 _PAIR = _STR + _WS + rb":" + _WS + _VALUE
-_FAST_RECORD = re.compile(
+_FAST_RECORD_PATTERN = re.compile(
     _WS + rb"\{" + _WS + rb'"name"' + _WS + rb":" + _WS + _STR
     + rb"(?:" + _WS + rb"," + _WS + rb'"kind"' + _WS + rb":" + _WS
     + rb'"(?:internal|server|client|producer|consumer)")?'
@@ -83,7 +83,30 @@ _FAST_RECORD = re.compile(
     + rb"(?:" + _WS + rb"," + _WS + rb'"message"' + _WS + rb":" + _WS + _STR + rb")?"
     + _WS + rb"\})?"
     + _WS + rb"\}" + _WS,
-).fullmatch
+)
+
+
+def _match_with_pattern(args: bytes) -> tuple[bytes, bytes] | None:
+    """(start, end) digits of an argument the pattern matches in full, or None."""
+    found = _FAST_RECORD_PATTERN.fullmatch(args)
+    return (found[1], found[2]) if found is not None else None
+
+
+_FAST_RECORD: Callable[[bytes], tuple[bytes, bytes] | None] = _match_with_pattern
+
+
+def _use_compiled_match() -> None:
+    """The same check compiled (a scanner of the pattern's language: 0.4 µs against the
+    pattern's 3-4 µs on the auth plugin's spans, decision 1100), where the sidecar's
+    extension is built. Imported when a tracer is made: importing it loads the wasm host,
+    which other users of this module (the control server) do not need.
+    tests/unit/wasm/test_record_span_match.py holds the two equal."""
+    global _FAST_RECORD
+    try:
+        from meshgate.gateway.wasm._crossing import match_record_span
+    except ImportError:  # pragma: no cover - only when the extension was not built
+        return
+    _FAST_RECORD = match_record_span
 
 
 def parse_traceparent(traceparent: str, tracestate: str | None = None) -> SpanContext | None:
@@ -133,6 +156,7 @@ class WasiTracing:
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None,
                  event_window_s: float = 1.0, max_open_spans: int = 4096) -> None:
+        _use_compiled_match()
         provider = tracer_provider or trace.get_tracer_provider()
         self.provider = provider
         self.tracer = provider.get_tracer("meshgate.wasi-tracing")
@@ -167,8 +191,8 @@ class WasiTracing:
         if not spans_consumed(self.provider):
             fast = _FAST_RECORD(args)
             if fast is not None:
-                end = int(fast[2])
-                if end < int(fast[1]):
+                end = int(fast[1])
+                if end < int(fast[0]):
                     return BAD_ARGUMENT, b""
                 # _unexported_span and _remember inlined, for the same reason.
                 span_id = f"{self._ids.generate_span_id():016x}"
