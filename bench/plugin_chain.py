@@ -29,16 +29,14 @@ from typing import Any
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from opentelemetry.sdk.trace import TracerProvider
+from wasm_host import API_KEY, new_services, rate_limit_and_auth  # bench/ is on sys.path
 
 from meshgate.gateway.filters import PluginChain
 from meshgate.gateway.proxy import strip_hop_by_hop
 from meshgate.gateway.tracing import id_generator, light_server_span, w3c_context
 from meshgate.gateway.wasm import PluginHost
 from meshgate.gateway.wasm import stream as stream_module
-from meshgate.gateway.wasm.host import PluginHost as Host
 from meshgate.gateway.wasm.stream import HttpStream
-
-from wasm_host import API_KEY, new_services, rate_limit_and_auth  # bench/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 UPSTREAM_HEADERS = CIMultiDict([("content-type", "application/octet-stream"),
@@ -62,7 +60,7 @@ def python_driver() -> Callable[[], None]:
     """Swap the Python driver in; returns the undo."""
     saved = stream_module._drive, stream_module._invoke_all
     stream_module._drive = HttpStream._call
-    stream_module._invoke_all = Host._invoke_all
+    stream_module._invoke_all = PluginHost._invoke_all
 
     def undo() -> None:
         stream_module._drive, stream_module._invoke_all = saved

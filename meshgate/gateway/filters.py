@@ -239,7 +239,8 @@ async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:
 
 def _write_back(hmap: Any, headers: CIMultiDict[str]) -> None:
     headers.clear()
-    headers.extend([(name, value) for name, value in hmap.items() if name[:1] != ":"])
+    # The map's own list, read without the copy `items()` makes: nothing edits it here.
+    headers.extend([(name, value) for name, value in hmap._items if name[:1] != ":"])
 
 
 class ClusterCallDispatcher:

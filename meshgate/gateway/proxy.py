@@ -319,7 +319,8 @@ class DataPath:
         except TimeoutError as exc:
             raise ProxyError(504, "upstream_timeout", "while reading the body") from exc
         except aiohttp.ClientError as exc:
-            raise ProxyError(502, "upstream_body_reset", f"while reading the body: {exc!r}") from exc
+            raise ProxyError(502, "upstream_body_reset",
+                             f"while reading the body: {exc!r}") from exc
 
     async def _stream(
         self,

@@ -164,8 +164,9 @@ class StreamContext(Context):
         self.request_trailers: HeaderMap | None = None
         self.response_headers: HeaderMap | None = None
         self.response_trailers: HeaderMap | None = None
-        self.request_body = Buffer(b"", mutable=True)
-        self.response_body = Buffer(b"", mutable=True)
+        # Made when first asked for: most streams never see a body callback's buffer.
+        self.request_body: Buffer | None = None
+        self.response_body: Buffer | None = None
         self.request_body_bytes = 0
         self.response_code: int | None = None
         self.response_code_details: str | None = None
@@ -191,8 +192,12 @@ class StreamContext(Context):
 
     def buffer(self, buffer_type: int) -> Buffer | None:
         if buffer_type == BufferType.HTTP_REQUEST_BODY:
+            if self.request_body is None:
+                self.request_body = Buffer(bytearray(), mutable=True)
             return self.request_body
         if buffer_type == BufferType.HTTP_RESPONSE_BODY:
+            if self.response_body is None:
+                self.response_body = Buffer(bytearray(), mutable=True)
             return self.response_body
         return self.root.buffer(buffer_type)
 

@@ -104,7 +104,7 @@ def _stream_property(ctx: StreamContext, ident: PluginIdentity,
         if rest[0] == "code_details" and ctx.response_code_details is not None:
             return ctx.response_code_details.encode()
         if rest[0] == "size":
-            return _int(len(ctx.response_body.data))
+            return _int(len(ctx.response_body.data) if ctx.response_body is not None else 0)
         return None
     if top == "xds" and len(rest) == 1:
         return {
