@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import wasmtime
 from prometheus_client import CollectorRegistry
@@ -47,9 +47,11 @@ class HttpCallDispatcher(Protocol):
     def has_cluster(self, name: str) -> bool: ...
 
 
-@dataclass(frozen=True)
-class ForeignCall:
-    """What a foreign function sees besides its argument bytes."""
+class ForeignCall(NamedTuple):
+    """What a foreign function sees besides its argument bytes.
+
+    A named tuple: built once per stream that calls a foreign function (every plugged
+    request's `record-span`), where a frozen dataclass cost 1.5 µs against 0.7 µs."""
 
     plugin_name: str
     #: The W3C trace context of the stream the call came from, if any.
