@@ -160,8 +160,10 @@ vm_call(PyObject *vm, PyObject *call, PyObject *const *args, Py_ssize_t nargs)
     if (result == NULL)
         PyErr_Fetch(&t, &v, &tb);
     int rc = trapped ? SETATTR(vm, d_broken, Py_True) : 0;
-    PyObject *zero = rc == 0 ? PyLong_FromLong(0) : NULL;
-    rc = zero == NULL ? -1 : SETATTR(vm, d_depth, zero);
+    if (rc < 0)
+        PyErr_Clear(); /* the depth must go back to 0 whatever happened */
+    PyObject *zero = PyLong_FromLong(0);
+    rc = (zero == NULL ? -1 : SETATTR(vm, d_depth, zero)) < 0 ? -1 : rc;
     Py_XDECREF(zero);
     if (result == NULL) {
         if (rc < 0)
