@@ -47,7 +47,7 @@ rust-target:
 		{ echo "==> Adding the Rust target wasm32-wasip1"; rustup target add wasm32-wasip1; }
 
 plugins: rust-target
-	@echo "==> Building the proxy-wasm plugins (release, size-optimised) into $(PLUGIN_OUT)"
+	@echo "==> Building the proxy-wasm plugins (release, opt-level 3) into $(PLUGIN_OUT)"
 	bash plugins/build.sh $(PLUGIN_OUT)
 
 lint: venv

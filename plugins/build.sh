@@ -3,7 +3,7 @@
 #
 #   bash plugins/build.sh OUTDIR
 #
-# OUTDIR/rate_limit.wasm, OUTDIR/auth.wasm: this workspace, release, size-optimised.
+# OUTDIR/rate_limit.wasm, OUTDIR/auth.wasm: this workspace, release (opt-level 3, decision 1200).
 # OUTDIR/examples/<name>.wasm: the examples shipped inside the crates.io package
 #   proxy-wasm 0.2.0, compiled from the registry's copy of the crate (fetched by cargo);
 #   their code is never copied into this repository, only a build manifest is generated.
