@@ -16,8 +16,9 @@ if the data path has one) — the proxy-wasm host's ``ForeignCall``. This module
 other part of meshgate, so it takes ``call`` by shape.
 
 When nothing consumes spans (``spans_consumed``: no processor, default sampler),
-``record-span`` still validates its argument and answers a fresh span id, but builds no
-span (the SDK span cost ~9 µs a call, decision 0700).
+``record-span`` still validates its argument and answers a span id that ``add-event``
+accepts for the same window, but builds no span (the SDK span cost ~9 µs a call,
+decision 0700) and keeps nothing per span (``UnrecordedSpans``, decision 1100).
 
 Recorded spans stay open for ``event_window_s`` so ``add-event`` can still attach events
 (an ended OpenTelemetry span is immutable); they end with the plugin's own end time,
@@ -27,15 +28,15 @@ either when the window passes (checked on every call) or on ``flush()``.
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags, TraceState
 from opentelemetry.trace.status import Status, StatusCode
 
@@ -151,6 +152,59 @@ def _attributes(raw: Any) -> dict[str, Any]:
     return out
 
 
+_ID_SPACE = 2**64 - 1  # span ids 1 .. 2**64-1 (0 is the invalid span id)
+
+
+class UnrecordedSpans:
+    """Span ids answered for spans nothing records, and which are still open for events.
+
+    The ids are consecutive numbers from a random start (an id is `start + n`), so
+    whether an id is open follows from three things: its number, how many were issued
+    since (at most `bound` stay open), and when its batch was issued (open for the event
+    window). Nothing is kept per span. A batch takes the ids issued within 1/100 of the
+    window, and stays open until a window after its last possible id. Before, each span
+    took an entry in the ordered table of recorded spans, with an id drawn, expired one
+    by one: about 10 µs of every plugged request (decision 1100).
+    """
+
+    def __init__(self, window_s: float, bound: int) -> None:
+        self._start = random.randrange(_ID_SPACE)
+        self._next = 0
+        self._open_from = 0  # the lowest number still open
+        self._window_s = window_s
+        self._step_s = window_s / 100
+        self._bound = bound
+        self._batches: deque[tuple[int, float]] = deque()  # (first number, deadline)
+        self._batch_until = float("-inf")
+
+    def issue(self, now: float) -> bytes:
+        number = self._next
+        self._next = number + 1
+        if now >= self._batch_until:
+            self._batch_until = now + self._step_s
+            self._batches.append((number, self._batch_until + self._window_s))
+        return f"{(self._start + number) % _ID_SPACE + 1:016x}".encode()
+
+    def expire(self, now: float) -> None:
+        batches = self._batches
+        while batches and batches[0][1] <= now:
+            batches.popleft()
+            self._open_from = batches[0][0] if batches else self._next
+
+    def is_open(self, span_id: str) -> bool:
+        if len(span_id) != 16:
+            return False
+        try:
+            number = (int(span_id, 16) - 1 - self._start) % _ID_SPACE
+        except ValueError:
+            return False
+        return self._open_from <= number < self._next and self._next - number <= self._bound
+
+    def close_all(self) -> None:
+        self._batches.clear()
+        self._open_from = self._next
+
+
 class WasiTracing:
     """The three functions, bound to one tracer. Register ``functions()`` with the host."""
 
@@ -160,12 +214,11 @@ class WasiTracing:
         provider = tracer_provider or trace.get_tracer_provider()
         self.provider = provider
         self.tracer = provider.get_tracer("meshgate.wasi-tracing")
-        ids = getattr(provider, "id_generator", None)
-        self._ids = ids if isinstance(ids, IdGenerator) else RandomIdGenerator()
         self.event_window_s = event_window_s
         self.max_open_spans = max_open_spans
         # span id (hex) -> (span, plugin end time ns, wall-clock deadline for events)
         self._open: OrderedDict[str, tuple[Any, int, float]] = OrderedDict()
+        self._unrecorded = UnrecordedSpans(event_window_s, max_open_spans)
 
     def functions(self) -> dict[str, Callable[[bytes, Any], Result]]:
         return {GET_PARENT_SPAN: self.get_parent_span, RECORD_SPAN: self.record_span,
@@ -191,15 +244,9 @@ class WasiTracing:
         if not spans_consumed(self.provider):
             fast = _FAST_RECORD(args)
             if fast is not None:
-                end = int(fast[1])
-                if end < int(fast[0]):
+                if int(fast[1]) < int(fast[0]):
                     return BAD_ARGUMENT, b""
-                # _unexported_span and _remember inlined, for the same reason.
-                span_id = f"{self._ids.generate_span_id():016x}"
-                opened[span_id] = (None, end, now + self.event_window_s)
-                if len(opened) > self.max_open_spans:
-                    self._evict()
-                return OK, span_id.encode()
+                return OK, self._unrecorded_span(now)
         try:
             doc = json.loads(args)
             name = doc["name"]
@@ -215,7 +262,7 @@ class WasiTracing:
         except (KeyError, TypeError, ValueError, AttributeError):
             return BAD_ARGUMENT, b""
         if not spans_consumed(self.provider):
-            return OK, self._unexported_span(end, now)
+            return OK, self._unrecorded_span(now)
         parent = _parent_context(call)
         ctx = trace.set_span_in_context(NonRecordingSpan(parent)) if parent \
             else otel_context.Context()
@@ -229,12 +276,13 @@ class WasiTracing:
         self._remember(span_id, span, end, now)
         return OK, span_id.encode()
 
-    def _unexported_span(self, end: int, now: float) -> bytes:
-        """Nothing would see the span: a fresh id, remembered for the event window so
-        add-event answers as it would for an exported span."""
-        span_id = f"{self._ids.generate_span_id():016x}"
-        self._remember(span_id, None, end, now)
-        return span_id.encode()
+    def _unrecorded_span(self, now: float) -> bytes:
+        """Nothing would see the span: an id that add-event accepts for the event window,
+        as it would for an exported span."""
+        unrecorded = self._unrecorded
+        if unrecorded._batches and unrecorded._batches[0][1] <= now:  # expire's first test
+            unrecorded.expire(now)
+        return unrecorded.issue(now)
 
     def _remember(self, span_id: str, span: Any, end: int, now: float) -> None:
         """Keep a recorded span open for add-event (``span`` None: not exported)."""
@@ -253,6 +301,8 @@ class WasiTracing:
         try:
             doc = json.loads(args)
             span_id, name = doc["span_id"], doc["name"]
+            if not isinstance(span_id, str):
+                raise TypeError("span_id must be a string")
             when = int(doc["time_unix_nanos"])
             attributes = _attributes(doc.get("attributes"))
         except json.JSONDecodeError:
@@ -262,7 +312,8 @@ class WasiTracing:
         entry = self._open.get(span_id)
         if entry is None:
             self._expire()
-            return NOT_FOUND, b""
+            self._unrecorded.expire(time.monotonic())
+            return (OK if self._unrecorded.is_open(span_id) else NOT_FOUND), b""
         if entry[0] is not None:
             entry[0].add_event(name, attributes=attributes, timestamp=when)
         self._expire()
@@ -281,6 +332,7 @@ class WasiTracing:
 
     def flush(self) -> None:
         """End every recorded span now (at shutdown, or in tests)."""
+        self._unrecorded.close_all()
         while self._open:
             _, (span, end, _) = self._open.popitem(last=False)
             if span is not None:
