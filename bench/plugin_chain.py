@@ -93,7 +93,7 @@ async def main() -> None:
         await chain.request_headers("GET", "/api/items?id=7", headers, request)
         await chain.response_headers(200, strip_hop_by_hop(UPSTREAM_HEADERS))
         await chain.whole_response_body(BODY)
-        await chain.finish()
+        chain.finish()
 
     async def python_driven() -> None:
         undo = python_driver()

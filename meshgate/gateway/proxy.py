@@ -185,7 +185,7 @@ class DataPath:
             return route.cluster, _reset(request)
         finally:
             if chain is not None:
-                await chain.finish()
+                chain.finish()
 
     def _upstream_headers(
         self, request: web.BaseRequest, w3c: tuple[str, str] | None
