@@ -178,11 +178,15 @@ class UnrecordedSpans:
         self._batch_until = float("-inf")
 
     def issue(self, now: float) -> bytes:
+        """A new id; ids whose window has passed close first."""
+        batches = self._batches
+        if batches and batches[0][1] <= now:  # expire's first test, inline: every request
+            self.expire(now)
         number = self._next
         self._next = number + 1
         if now >= self._batch_until:
             self._batch_until = now + self._step_s
-            self._batches.append((number, self._batch_until + self._window_s))
+            batches.append((number, self._batch_until + self._window_s))
         return f"{(self._start + number) % _ID_SPACE + 1:016x}".encode()
 
     def expire(self, now: float) -> None:
@@ -279,10 +283,7 @@ class WasiTracing:
     def _unrecorded_span(self, now: float) -> bytes:
         """Nothing would see the span: an id that add-event accepts for the event window,
         as it would for an exported span."""
-        unrecorded = self._unrecorded
-        if unrecorded._batches and unrecorded._batches[0][1] <= now:  # expire's first test
-            unrecorded.expire(now)
-        return unrecorded.issue(now)
+        return self._unrecorded.issue(now)
 
     def _remember(self, span_id: str, span: Any, end: int, now: float) -> None:
         """Keep a recorded span open for add-event (``span`` None: not exported)."""

@@ -204,6 +204,19 @@ next_key(scan *s, const char *name)
     return 0;
 }
 
+/* WS* ',' WS* "name" WS* ':' WS* integer, the integer's extent in [*from, *to). */
+static int
+int_field(scan *s, const char *name, const unsigned char **from, const unsigned char **to)
+{
+    if (!punct(s, ',') || !key(s, name))
+        return 0;
+    *from = s->p;
+    if (!integer(s))
+        return 0;
+    *to = s->p;
+    return 1;
+}
+
 static PyObject *scan_record_span(const unsigned char *data, Py_ssize_t len);
 
 static PyObject *
@@ -232,18 +245,9 @@ scan_record_span(const unsigned char *data, Py_ssize_t len)
         Py_RETURN_NONE;
     if (next_key(&s, "\"kind\"") && !one_of(&s, kinds))
         Py_RETURN_NONE;
-    if (!punct(&s, ',') || !key(&s, "\"start_unix_nanos\""))
+    if (!int_field(&s, "\"start_unix_nanos\"", &start_at, &start_end) ||
+        !int_field(&s, "\"end_unix_nanos\"", &end_at, &end_end))
         Py_RETURN_NONE;
-    start_at = s.p;
-    if (!integer(&s))
-        Py_RETURN_NONE;
-    start_end = s.p;
-    if (!punct(&s, ',') || !key(&s, "\"end_unix_nanos\""))
-        Py_RETURN_NONE;
-    end_at = s.p;
-    if (!integer(&s))
-        Py_RETURN_NONE;
-    end_end = s.p;
     if (next_key(&s, "\"attributes\"") && !(take(&s, "{") && attributes(&s)))
         Py_RETURN_NONE;
     if (next_key(&s, "\"status\"") && !status(&s))
