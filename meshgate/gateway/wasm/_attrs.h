@@ -31,7 +31,11 @@ attr_slot(PyObject *obj, PyObject *name, attr_cache *c)
         return c->offset ? (PyObject **)((char *)obj + c->offset) : NULL;
     PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
     Py_ssize_t offset = 0;
-    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+    /* Only where Python itself would end at the member: the generic attribute protocol
+     * (no __getattribute__/__setattr__ of the class's own) and a slot member. */
+    if (descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+        tp->tp_getattro == PyObject_GenericGetAttr &&
+        tp->tp_setattro == PyObject_GenericSetAttr) {
         PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
         if (member->type == T_OBJECT_EX && !(member->flags & READONLY))
             offset = member->offset;

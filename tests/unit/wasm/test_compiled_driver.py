@@ -199,3 +199,12 @@ async def test_attributes_are_read_as_python_reads_them(load: Any) -> None:
     assert isinstance(reply, LocalReply) and reply.status == 403
     skipped = AlwaysSkipped(host, host.new_stream().ctx, host.generation)
     assert await skipped.request_headers(request("/b"), True) == CONTINUE
+
+    class SkippedByGetattribute(HttpStream):
+        __slots__ = ()
+
+        def __getattribute__(self, name: str) -> Any:
+            return True if name == "_skip" else super().__getattribute__(name)
+
+    hidden = SkippedByGetattribute(host, host.new_stream().ctx, host.generation)
+    assert await hidden.request_headers(request("/b"), True) == CONTINUE
