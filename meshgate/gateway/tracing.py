@@ -86,14 +86,9 @@ def w3c_context(span: trace.Span) -> tuple[str, str] | None:
     return parent, ctx.trace_state.to_header() if ctx.trace_state else ""
 
 
-def inject_traceparent(span: trace.Span, headers: MutableMapping[str, str]) -> None:
-    """What the W3C propagator's `inject` writes for `span`, without the current context:
-    `traceparent`, and `tracestate` when there is any."""
-    inject_w3c(w3c_context(span), headers)
-
-
 def inject_w3c(context: tuple[str, str] | None, headers: MutableMapping[str, str]) -> None:
-    """`inject_traceparent` for a context `w3c_context` already computed."""
+    """What the W3C propagator's `inject` writes for a span, without the current context,
+    from its `w3c_context`: `traceparent`, and `tracestate` when there is any."""
     if context is None:
         return
     headers["traceparent"] = context[0]
@@ -101,5 +96,5 @@ def inject_w3c(context: tuple[str, str] | None, headers: MutableMapping[str, str
         headers["tracestate"] = context[1]
 
 
-__all__ = ["id_generator", "inject_traceparent", "inject_w3c", "light_server_span",
-           "sidecar_tracer_provider", "spans_consumed", "w3c_context"]
+__all__ = ["id_generator", "inject_w3c", "light_server_span", "sidecar_tracer_provider",
+           "spans_consumed", "w3c_context"]

@@ -11,9 +11,10 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 from meshgate.gateway.tracing import (
     id_generator,
-    inject_traceparent,
+    inject_w3c,
     light_server_span,
     spans_consumed,
+    w3c_context,
 )
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -23,7 +24,7 @@ TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
 def _outgoing(incoming: dict[str, str]) -> CIMultiDict[str]:
     span = light_server_span(CIMultiDict(incoming), id_generator(TracerProvider()))
     out: CIMultiDict[str] = CIMultiDict(incoming)
-    inject_traceparent(span, out)
+    inject_w3c(w3c_context(span), out)
     return out
 
 
