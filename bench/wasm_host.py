@@ -14,7 +14,10 @@ Prints µs figures and ratios against baselines measured in the same run:
 same run: rounds alternate between the two, and medians of the rounds are printed.
 
 The ``wasi:tracing`` foreign functions are registered as the sidecar registers them
-(``--no-tracing``: as in Envoy, where the plugins find none).
+without an OTLP endpoint: nothing exports spans, so ``record-span`` answers NotFound
+(decision 1300). ``--exported``: a provider whose processor takes every span (and drops
+it), so plugin spans are built as with an exporter; ``--no-tracing``: no functions at
+all, as in Envoy.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 
 import wasmtime
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from meshgate.gateway.wasm import HeaderMap, HostServices, PluginHost, PluginSpec, StreamInfo
 from meshgate.gateway.wasm.shared import SharedDataStore
@@ -159,12 +163,21 @@ async def start_times(spec: PluginSpec,
     return cold, cached, first, in_memory
 
 
-def new_services(tracing: bool, cache_dir: Path | None = None) -> HostServices:
+class _Dropped(SpanExporter):
+    def export(self, spans: object) -> SpanExportResult:
+        return SpanExportResult.SUCCESS
+
+
+def new_services(tracing: bool, cache_dir: Path | None = None,
+                 exported: bool = False) -> HostServices:
     services = HostServices(module_cache_dir=cache_dir)
     if tracing:
-        # The sidecar's set-up without an OTLP endpoint: an SDK provider that exports
-        # nothing, so record-span takes its no-export path (decision 0900).
-        services.foreign_functions.update(WasiTracing(TracerProvider()).functions())
+        # The sidecar's set-up: an SDK provider, exporting nothing without an OTLP
+        # endpoint (then record-span answers NotFound, decision 1300).
+        provider = TracerProvider()
+        if exported:
+            provider.add_span_processor(BatchSpanProcessor(_Dropped()))  # as the sidecar
+        services.foreign_functions.update(WasiTracing(provider).functions())
     return services
 
 
@@ -184,6 +197,10 @@ async def push_ms(spec: PluginSpec, services: HostServices) -> float:
     return ms
 
 
+def _tracing_label(args: argparse.Namespace) -> str:
+    return "off" if args.no_tracing else "exported" if args.exported else "not exported"
+
+
 async def compare(args: argparse.Namespace) -> None:
     """Baseline vs candidate plugins, alternating rounds in one process."""
     sets = {"baseline": rate_limit_and_auth(args.baseline),
@@ -191,11 +208,12 @@ async def compare(args: argparse.Namespace) -> None:
     if any(v is None for v in sets.values()):
         raise SystemExit(f"need rate_limit.wasm and auth.wasm in {args.baseline} and "
                          f"{args.plugins}")
-    services = new_services(not args.no_tracing)
+    services = new_services(not args.no_tracing, exported=args.exported)
     hosts = {k: [await PluginHost.create(s, services) for s in v]  # type: ignore[union-attr]
              for k, v in sets.items()}
     caches = {k: tempfile.TemporaryDirectory() for k in sets}
-    push_services = {k: new_services(not args.no_tracing, Path(caches[k].name)) for k in sets}
+    push_services = {k: new_services(not args.no_tracing, Path(caches[k].name), args.exported)
+                     for k in sets}
     for k, specs in sets.items():
         for spec in specs:  # type: ignore[union-attr]
             await push_ms(spec, push_services[k])  # compiles into the cache
@@ -211,7 +229,7 @@ async def compare(args: argparse.Namespace) -> None:
                 push.setdefault((spec.name, k), []).extend(
                     [await push_ms(spec, push_services[k]) for _ in range(5)])
     print(f"per request, µs (median of {args.rounds} rounds of {args.n}; "
-          f"tracing {'off' if args.no_tracing else 'on'})")
+          f"tracing {_tracing_label(args)})")
     for label in ("rate-limit + auth", "rate-limit", "auth"):
         b = statistics.median(per_req[(label, "baseline")])
         c = statistics.median(per_req[(label, "candidate")])
@@ -241,6 +259,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-tracing", action="store_true",
                         help="no wasi:tracing functions (as in Envoy)")
+    parser.add_argument("--exported", action="store_true",
+                        help="plugin spans built as with an exporter (and dropped)")
     parser.add_argument("-n", type=int, default=3000)
     args = parser.parse_args()
     if args.baseline is not None:
@@ -248,10 +268,15 @@ async def main() -> None:
         return
     n = args.n
 
-    services = new_services(not args.no_tracing)
+    services = new_services(not args.no_tracing, exported=args.exported)
     noop = await PluginHost.create(PluginSpec("noop", bytes(wasmtime.wat2wasm(NOOP))), services)
     specs = rate_limit_and_auth(args.plugins)
     pair = [await PluginHost.create(s, services) for s in specs] if specs else []
+    # The same pair under the two other tracing set-ups, in the same rounds.
+    others = {label: new_services(tracing, exported=exported) for label, tracing, exported
+              in (("spans exported", True, True), ("no wasi:tracing", False, False))}
+    other_pairs = {label: [await PluginHost.create(s, svc) for s in specs] if specs else []
+                   for label, svc in others.items()}
     # Rounds interleave every measurement; medians of the rounds are printed (this
     # machine's speed drifts by tens of percent within minutes).
     runs: dict[str, list[float]] = {}
@@ -261,6 +286,8 @@ async def main() -> None:
         runs.setdefault("generic", []).append(generic_noop_request_us(n))
         if pair:
             runs.setdefault("pair", []).append(await per_request_us(pair, n))
+            for label, hosts in other_pairs.items():
+                runs.setdefault(label, []).append(await per_request_us(hosts, n))
     bare, host_noop, generic = (statistics.median(runs[k]) for k in ("bare", "noop", "generic"))
     print(f"medians of {args.rounds} interleaved rounds of {n} requests")
     print(f"bare request (maps + awaits, no plugin)   {bare:8.1f} µs")
@@ -273,7 +300,10 @@ async def main() -> None:
     else:
         pair_us = statistics.median(runs["pair"])
         print(f"rate-limit + auth, per request            {pair_us:8.1f} µs"
-              f"  = {pair_us / host_noop:5.1f}x the no-op plugin")
+              f"  = {pair_us / host_noop:5.1f}x the no-op plugin (tracing {_tracing_label(args)})")
+        for label in other_pairs:
+            us = statistics.median(runs[label])
+            print(f"  the same, {label:20s}           {us:8.1f} µs  = {us / pair_us:5.2f}x")
     for spec in [*(specs or []), noop.spec]:
         times = []
         for _ in range(args.rounds):
@@ -284,9 +314,10 @@ async def main() -> None:
         print(f"{spec.name:10s} start: cold {cold:7.1f} ms  cached {cached:6.2f} ms"
               f"  (cold/cached {cold / cached:5.1f}x)  cached+first request {first:6.2f} ms"
               f"  same binary again+first request {in_memory:6.2f} ms")
-    for h in [*pair, noop]:
+    for h in [*pair, noop, *(h for hosts in other_pairs.values() for h in hosts)]:
         await h.close()
-    services.close()
+    for svc in [services, *others.values()]:
+        svc.close()
 
 
 if __name__ == "__main__":

@@ -230,7 +230,6 @@ typedef struct {
 #include "_attrs.h"
 #include "_fastpaths.h"
 #include "_driver.h"
-#include "_spanmatch.h"
 
 /* wasmtime_func_unchecked_callback_t; env is the HostFunction, kept alive by the
  * linker's owner on the Python side (HostFunctionTable). */
@@ -415,9 +414,6 @@ static PyMethodDef crossing_methods[] = {
      "Python path until it is called."},
     {"drive", (PyCFunction)(void (*)(void))drive, METH_FASTCALL,
      "drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled."},
-    {"match_record_span", (PyCFunction)match_record_span, METH_O,
-     "match_record_span(args): (start, end) digits of a record-span argument the "
-     "no-exporter check accepts, or None (wasi_tracing._FAST_RECORD_PATTERN's language)."},
     {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
      "invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled."},
     {NULL, NULL, 0, NULL},

@@ -285,7 +285,7 @@ fn quoted(s: &str) -> String {
 impl AuthStream {
     fn tracer_finish(&self, outcome: &str, status: u32) {
         let tracer = &self.shared.tracer;
-        if !tracer.available() {
+        if !tracer.recording() {
             return;
         }
         let span = SpanRecord::new("meshgate.auth", SpanKind::Internal, self.start_ns, now_ns())
@@ -507,7 +507,7 @@ impl Context for AuthStream {
 impl HttpContext for AuthStream {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
         // The start time only serves the span; where there is no tracing, skip the call.
-        if self.shared.tracer.available() {
+        if self.shared.tracer.recording() {
             self.start_ns = now_ns();
         }
         match self.authenticate() {

@@ -220,43 +220,45 @@ pub fn encode_event(span_id: &str, name: &str, time_unix_nanos: u64, attributes:
 
 /// The `wasi:tracing` interface over some way of calling foreign functions.
 ///
-/// Keep one `Tracer` for the life of the VM: once the host has answered that it has no
-/// `record-span` (Envoy), the tracer remembers it, every later call returns at once, and
-/// `available()` tells the plugin it need not time its work for spans at all. A host's
-/// set of foreign functions does not change while a VM runs.
+/// Keep one `Tracer` per configuration: once the host has answered that it does not
+/// record spans (`record-span` NotFound: Envoy, or meshgate's sidecar when nothing
+/// exports spans), the tracer remembers it, `record_span` and `add_event` return at once,
+/// and `recording()` tells the plugin it need not time its work for spans at all.
+/// `get_parent_span` keeps asking: the trace context propagates either way.
 pub struct Tracer<F: ForeignFunctions> {
     ffi: F,
-    absent: Cell<bool>,
+    not_recording: Cell<bool>,
 }
 
 impl<F: ForeignFunctions> Tracer<F> {
     pub fn new(ffi: F) -> Self {
-        Tracer { ffi, absent: Cell::new(false) }
+        Tracer { ffi, not_recording: Cell::new(false) }
     }
 
-    /// False once the host has shown it has no `wasi:tracing` (until then: true).
-    pub fn available(&self) -> bool {
-        !self.absent.get()
+    /// False once the host has answered `record-span` with NotFound (until then: true):
+    /// a host without `wasi:tracing` (Envoy), or meshgate's sidecar when nothing exports
+    /// spans. A plugin skips the work of building spans then; the answer holds for this
+    /// `Tracer`'s life (a plugin makes one per configuration).
+    pub fn recording(&self) -> bool {
+        !self.not_recording.get()
     }
 
     /// The request's current span; `None` where the host has no tracing or no parent.
     pub fn get_parent_span(&self) -> Option<SpanContext> {
-        if self.absent.get() {
-            return None;
-        }
-        // NotFound here may also mean "no parent span": it does not mark tracing absent.
+        // Asked even when spans are not recorded: the trace context still propagates
+        // (e.g. to an http_call). NotFound here may also mean "no parent span".
         SpanContext::parse(&self.ffi.call(GET_PARENT_SPAN, &[]).ok()?)
     }
 
     /// Record one finished span (a child of the request's span); its span id, if any.
     pub fn record_span(&self, span: &SpanRecord) -> Option<String> {
-        if self.absent.get() {
+        if self.not_recording.get() {
             return None;
         }
         let out = match self.ffi.call(RECORD_SPAN, &span.encode()) {
             Ok(out) => out,
             Err(CallError::NotFound) => {
-                self.absent.set(true);
+                self.not_recording.set(true);
                 return None;
             }
             Err(CallError::Failed) => return None,
@@ -265,9 +267,9 @@ impl<F: ForeignFunctions> Tracer<F> {
         (id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
     }
 
-    /// Add an event to a span recorded earlier; does nothing without tracing.
+    /// Add an event to a span recorded earlier; does nothing when spans are not recorded.
     pub fn add_event(&self, span_id: &str, name: &str, time_unix_nanos: u64, attributes: &Map<String, Value>) {
-        if self.absent.get() {
+        if self.not_recording.get() {
             return;
         }
         let _ = self.ffi.call(ADD_EVENT, &encode_event(span_id, name, time_unix_nanos, attributes));
@@ -356,7 +358,7 @@ mod tests {
     fn without_host_support_everything_is_quiet() {
         let fake = Fake { enabled: false, calls: RefCell::default() };
         let t = Tracer::new(&fake);
-        assert!(t.available());
+        assert!(t.recording());
         assert_eq!(t.get_parent_span(), None);
         assert_eq!(t.record_span(&SpanRecord::new("x", SpanKind::Client, 1, 2)), None);
         t.add_event("b7ad6b7169203331", "e", 3, &Map::new());
@@ -367,10 +369,32 @@ mod tests {
         let fake = Fake { enabled: false, calls: RefCell::default() };
         let t = Tracer::new(&fake);
         assert_eq!(t.record_span(&SpanRecord::new("x", SpanKind::Internal, 1, 2)), None);
-        assert!(!t.available());
+        assert!(!t.recording());
         assert_eq!(t.record_span(&SpanRecord::new("x", SpanKind::Internal, 3, 4)), None);
-        assert_eq!(t.get_parent_span(), None);
+        t.add_event("b7ad6b7169203331", "e", 3, &Map::new());
         assert_eq!(fake.calls.borrow().len(), 1);
+    }
+
+    /// meshgate's sidecar with nothing exporting spans: no record-span, but the request's
+    /// trace context is still there to propagate.
+    struct ParentOnly;
+
+    impl ForeignFunctions for ParentOnly {
+        fn call(&self, name: &str, _args: &[u8]) -> Result<Vec<u8>, CallError> {
+            match name {
+                GET_PARENT_SPAN => Ok(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_vec()),
+                _ => Err(CallError::NotFound),
+            }
+        }
+    }
+
+    #[test]
+    fn the_parent_span_outlives_a_host_that_does_not_record() {
+        let t = Tracer::new(ParentOnly);
+        assert_eq!(t.record_span(&SpanRecord::new("x", SpanKind::Internal, 1, 2)), None);
+        assert!(!t.recording());
+        let parent = t.get_parent_span().expect("the trace context still propagates");
+        assert_eq!(parent.span_id, "00f067aa0ba902b7");
     }
 
     #[test]

@@ -139,3 +139,64 @@ async def test_rate_limit_plugin_limits_per_client(services):
         stream.finish()
     assert statuses[:2] == [200, 200]
     assert statuses[2:] == [429, 429]
+
+
+def _counted_tracing(services: HostServices, provider):
+    """The sidecar's wasi:tracing functions, each call counted by name."""
+    from meshgate.otel import WasiTracing
+
+    calls: dict[str, int] = {}
+
+    def counted(name, fn):
+        def call(args, info):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(args, info)
+        return call
+
+    tracing = WasiTracing(provider, event_window_s=60)
+    services.foreign_functions.update({k: counted(k, f) for k, f in tracing.functions().items()})
+    return tracing, calls
+
+
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+async def _auth_requests(services: HostServices, keys: tuple[str, ...]) -> list[int]:
+    host = await start(services, "auth", "auth.wasm", auth_config(), root_id="auth",
+                       vm_id="auth")
+    statuses = []
+    for key in keys:
+        stream = host.new_stream(StreamInfo(traceparent=TRACEPARENT))
+        action = await stream.request_headers(get("/api", **{"x-api-key": key}), True)
+        statuses.append(action.status if isinstance(action, LocalReply) else 200)
+        stream.finish()
+    await host.close()
+    return statuses
+
+
+async def test_auth_plugin_spans_reach_the_exporter_as_children_of_the_request(services):
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from meshgate.otel import setup_tracing
+
+    exporter = InMemorySpanExporter()
+    tracing, calls = _counted_tracing(
+        services, setup_tracing("test", processor=SimpleSpanProcessor(exporter)))
+    assert await _auth_requests(services, (API_KEY, "wrong")) == [200, 401]
+    tracing.flush()
+    spans = exporter.get_finished_spans()
+    assert [s.name for s in spans] == ["meshgate.auth"] * 2
+    assert [s.attributes["auth.outcome"] for s in spans] == ["allowed", "unauthenticated"]
+    assert all(f"{s.parent.span_id:016x}" == TRACEPARENT.split("-")[2] for s in spans)
+    assert calls["wasi:tracing/record-span"] == 2
+
+
+async def test_auth_plugin_stops_building_spans_nothing_exports(services):
+    """No exporter: record-span answers NotFound as in Envoy, once; the plugin goes on
+    deciding as before and asks no more."""
+    from meshgate.otel import setup_tracing
+
+    _, calls = _counted_tracing(services, setup_tracing("test"))
+    assert await _auth_requests(services, (API_KEY, "wrong", API_KEY)) == [200, 401, 200]
+    assert calls == {"wasi:tracing/record-span": 1}
