@@ -160,7 +160,8 @@ def run(
     rounds: int = 1,
     uvloop: bool = True,
     compare: Path | None = None,
-) -> dict[str, dict[str, float]]:
+) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]]]:
+    """The medians over the rounds per target, and each round's figures."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     sys.path.insert(0, str(REPO))
@@ -250,7 +251,15 @@ def run(
             for name, rs in runs.items()
         }
     shutil.rmtree(tmp, ignore_errors=True)
-    return results
+    return results, runs
+
+
+def paired(runs: dict[str, list[dict[str, float]]], num: str, den: str) -> str:
+    """The req/s ratio of two targets within each round (measured a few seconds apart,
+    so less exposed to the machine's drift than a ratio of medians): median and range."""
+    ratios = sorted(a["rps"] / b["rps"] for a, b in zip(runs[num], runs[den], strict=True))
+    return (f"per round: median {statistics.median(ratios):.2f}, "
+            f"range {ratios[0]:.2f}-{ratios[-1]:.2f}")
 
 
 def main() -> None:
@@ -265,8 +274,8 @@ def main() -> None:
                         help="also run a sidecar from another source tree (e.g. a `git "
                         "archive` of the previous commit), interleaved in the same rounds")
     args = parser.parse_args()
-    results = run(args.seconds, args.connections, args.profile, not args.no_envoy, args.rounds,
-                  not args.no_uvloop, args.compare)  # fmt: skip
+    results, runs = run(args.seconds, args.connections, args.profile, not args.no_envoy,
+                        args.rounds, not args.no_uvloop, args.compare)  # fmt: skip
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
           f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}")  # fmt: skip
@@ -278,9 +287,12 @@ def main() -> None:
     rps = {name: r["rps"] for name, r in results.items()}
     bare, plugged = rps["sidecar (bare)"], rps["sidecar (rate-limit + auth)"]
     envoy = rps.get("envoy 1 worker (rate-limit + auth)")
-    print(f"sidecar with plugins / bare sidecar: {plugged / bare:.2f} (target >= 0.80)")
+    plugged_name = "sidecar (rate-limit + auth)"
+    print(f"sidecar with plugins / bare sidecar: {plugged / bare:.2f} (target >= 0.80; "
+          f"{paired(runs, plugged_name, 'sidecar (bare)')})")
     if envoy:
-        print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40)")
+        print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40; "
+              f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")
     if args.compare is not None:
         c_bare, c_plugged = rps["compare: sidecar (bare)"], rps[
             "compare: sidecar (rate-limit + auth)"]
