@@ -18,7 +18,7 @@
 
 static PyObject *d_skip, *d_replied, *d_finished, *d_created, *d_generation, *d_host,
     *d_ctx, *d_host_generation, *d_vm, *d_broken, *d_depth, *d_funcs, *d_call, *d_imports,
-    *d_env, *d_t, *d_activate, *d_effective, *d_root, *d_clock, *d_ticks, *d_armed_at,
+    *d_env, *d_wasi, *d_t, *d_effective, *d_root, *d_clock, *d_ticks, *d_armed_at,
     *d_arm_deadline, *d_id, *d_failed, *d_reset_requested, *d_local_reply, *d_continued,
     *d_settled, *d_py_call, *d_after_trap, *d_callback, *d_py_invoke_all,
     *d_context_create;
@@ -45,7 +45,7 @@ init_driver(void)
     INTERN(d_imports, "_imports");
     INTERN(d_env, "env");
     INTERN(d_t, "t");
-    INTERN(d_activate, "activate");
+    INTERN(d_wasi, "wasi");
     INTERN(d_effective, "_effective");
     INTERN(d_root, "root");
     INTERN(d_clock, "_clock");
@@ -176,7 +176,8 @@ vm_call(PyObject *vm, PyObject *call, PyObject *const *args, Py_ssize_t nargs)
 }
 
 /* Make `host` the running host of the shared import table, and `ctx` its effective
- * context (PluginHost._invoke_each's first lines). */
+ * context (PluginHost._invoke_each's first lines). The table's `activate`, inline: the
+ * running host changes on nearly every callback of a two-plugin chain. */
 static int
 enter_host(PyObject *host, PyObject *ctx)
 {
@@ -187,9 +188,10 @@ enter_host(PyObject *host, PyObject *ctx)
     PyObject *t = env ? GETATTR(env, d_t) : NULL;
     int rc = t == NULL ? -1 : 0;
     if (rc == 0 && t != host) {
-        PyObject *r = PyObject_CallMethodOneArg(imports, d_activate, host);
-        rc = r == NULL ? -1 : 0;
-        Py_XDECREF(r);
+        PyObject *wasi = GETATTR(imports, d_wasi);
+        rc = wasi == NULL || SETATTR(env, d_t, host) < 0 || SETATTR(wasi, d_t, host) < 0
+                 ? -1 : 0;
+        Py_XDECREF(wasi);
     }
     Py_XDECREF(t);
     Py_XDECREF(env);
