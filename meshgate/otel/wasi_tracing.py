@@ -127,7 +127,7 @@ class WasiTracing:
     def record_span(self, args: bytes, call: Any) -> Result:
         now = time.monotonic()
         opened = self._open
-        # _expire's own first test, inlined: this runs on every plugged request.
+        # _expire's own first test, inlined: this runs for every span a plugin records.
         if opened and next(iter(opened.values()))[2] <= now:
             self._expire(now)
         if not spans_consumed(self.provider):
