@@ -506,7 +506,7 @@ impl Context for AuthStream {
 
 impl HttpContext for AuthStream {
     fn on_http_request_headers(&mut self, _n: usize, _eos: bool) -> Action {
-        // The start time only serves the span; where there is no tracing, skip the call.
+        // The start time only serves the span; where spans are not recorded, skip the call.
         if self.shared.tracer.recording() {
             self.start_ns = now_ns();
         }
