@@ -197,8 +197,14 @@ async def push_ms(spec: PluginSpec, services: HostServices) -> float:
     return ms
 
 
+#: The three tracing set-ups by label: (wasi:tracing registered, spans exported).
+SETUPS = {"not exported": (True, False), "spans exported": (True, True),
+          "no wasi:tracing": (False, False)}
+
+
 def _tracing_label(args: argparse.Namespace) -> str:
-    return "off" if args.no_tracing else "exported" if args.exported else "not exported"
+    return ("no wasi:tracing" if args.no_tracing else "spans exported" if args.exported
+            else "not exported")
 
 
 async def compare(args: argparse.Namespace) -> None:
@@ -273,8 +279,8 @@ async def main() -> None:
     specs = rate_limit_and_auth(args.plugins)
     pair = [await PluginHost.create(s, services) for s in specs] if specs else []
     # The same pair under the two other tracing set-ups, in the same rounds.
-    others = {label: new_services(tracing, exported=exported) for label, tracing, exported
-              in (("spans exported", True, True), ("no wasi:tracing", False, False))}
+    others = {label: new_services(tracing, exported=exported)
+              for label, (tracing, exported) in SETUPS.items() if label != _tracing_label(args)}
     other_pairs = {label: [await PluginHost.create(s, svc) for s in specs] if specs else []
                    for label, svc in others.items()}
     # Rounds interleave every measurement; medians of the rounds are printed (this
