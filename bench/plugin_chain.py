@@ -31,6 +31,7 @@ from multidict import CIMultiDict
 from opentelemetry.sdk.trace import TracerProvider
 from wasm_host import API_KEY, new_services, rate_limit_and_auth  # bench/ is on sys.path
 
+from meshgate.gateway import wasm
 from meshgate.gateway.filters import PluginChain
 from meshgate.gateway.proxy import strip_hop_by_hop
 from meshgate.gateway.tracing import id_generator, light_server_span, w3c_context
@@ -58,12 +59,13 @@ class Transport:
 
 def python_driver() -> Callable[[], None]:
     """Swap the Python driver in; returns the undo."""
-    saved = stream_module._drive, stream_module._invoke_all
+    saved = stream_module._drive, stream_module._invoke_all, wasm.drive_phase
     stream_module._drive = HttpStream._call
     stream_module._invoke_all = PluginHost._invoke_all
+    wasm.drive_phase = stream_module.drive_phase_py
 
     def undo() -> None:
-        stream_module._drive, stream_module._invoke_all = saved
+        stream_module._drive, stream_module._invoke_all, wasm.drive_phase = saved
 
     return undo
 

@@ -117,34 +117,46 @@ class PluginChain:
     ) -> None:
         """Run the plugins over the request headers, in filter order; edits land in
         `headers` and `self.path`. Raises PluginReplied / StreamReset."""
-        wasm = _wasm()
+        wasm = _WASM or _wasm()
         pairs = [(":method", method), (":path", path), (":authority", request.host),
                  (":scheme", request.scheme)]  # fmt: skip
         pairs.extend(headers.items())
         hmap = wasm.HeaderMap(pairs)
         end = not request.body_exists
-        for stream in self.streams:
-            action = stream.begin_request_headers(hmap, end)
-            if action is not _CONTINUE:  # the common case, without a call
-                _outcome(action if action is not None else await stream.resumed())
+        stopped = wasm.drive_phase(self.streams, 0, wasm.REQUEST_HEADERS, hmap, end, None)
+        if stopped is not None:  # the common case, without a coroutine
+            await self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap, end)
         if hmap.edits:  # most plugins only read request headers: skip the copy back
             self.path = hmap.get(":path")
             _write_back(hmap, headers)
 
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         self.responded = True
-        wasm = _wasm()
+        wasm = _WASM or _wasm()
         pairs = [(":status", str(status))]
         pairs.extend(headers.items())
         hmap = wasm.HeaderMap(pairs)
-        for stream in reversed(self.streams):
-            action = stream.begin_response_headers(hmap, False)
-            if action is not _CONTINUE:  # the common case, without a call
-                _outcome(action if action is not None else await stream.resumed())
+        streams = self._reversed()
+        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_HEADERS, hmap, False, status)
+        if stopped is not None:
+            await self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False,
+                                      status)
         if hmap.edits:
             new_status = hmap.get(":status")
             self.status = int(new_status) if new_status and new_status.isdigit() else None
             _write_back(hmap, headers)
+
+    async def _rest_of_phase(self, streams: list[Any], stopped: tuple[int, Any], phase: int,
+                             payload: Any, end: bool, code: int | None = None) -> None:
+        """A phase (`wasm.drive_phase`) after a plugin did not continue: its action is
+        carried out (a pause awaited), then the phase goes on with the next plugin."""
+        while stopped is not None:
+            index, action = stopped
+            _outcome(action if action is not None else await streams[index].resumed())
+            stopped = _WASM.drive_phase(streams, index + 1, phase, payload, end, code)
+
+    def _reversed(self) -> list[Any]:
+        return self.streams[::-1] if len(self.streams) > 1 else self.streams
 
     @property
     def may_change_request_body(self) -> bool:
@@ -162,15 +174,16 @@ class PluginChain:
         """The response body already read whole: one pass with end_of_stream.
 
         What `_body` does for a single last chunk, without its generators: each plugin
-        (reverse order) gets the body, edits it in place, and the next sees the edits; a
-        `StopAndBuffer` at end of stream is a continue.
+        (reverse order) sees the body in one shared buffer, edits it in place, and the
+        next sees the edits; a `StopAndBuffer` at end of stream is a continue.
         """
-        data = bytearray(body)
-        for stream in reversed(self.streams):
-            action = stream.begin_response_body(data, True)
-            if action is not _CONTINUE:  # the common case, without a call
-                _outcome(action if action is not None else await stream.resumed())
-        return bytes(data)
+        wasm = _WASM or _wasm()
+        buffer = wasm.Buffer(bytearray(body), mutable=True)
+        streams = self._reversed()
+        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_BODY, buffer, True, None)
+        if stopped is not None:
+            await self._rest_of_phase(streams, stopped, wasm.RESPONSE_BODY, buffer, True)
+        return bytes(buffer.data)
 
     async def _body(
         self, callbacks: list[Any], source: AsyncIterator[bytes]

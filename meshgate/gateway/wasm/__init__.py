@@ -49,15 +49,19 @@ from .actions import (
     StopAndBuffer,
     StreamAction,
 )
-from .context import StreamInfo
+from .context import Buffer, StreamInfo
 from .headers import HeaderMap
 from .host import PluginHost
 from .services import ForeignCall, ForeignFunction, HostServices, HttpCallDispatcher
-from .stream import HttpStream
+from .stream import REQUEST_HEADERS, RESPONSE_BODY, RESPONSE_HEADERS, HttpStream, drive_phase
 
 __all__ = [
     "CONTINUE",
+    "REQUEST_HEADERS",
+    "RESPONSE_BODY",
+    "RESPONSE_HEADERS",
     "STOP_AND_BUFFER",
+    "Buffer",
     "Continue",
     "ForeignCall",
     "ForeignFunction",
@@ -73,4 +77,5 @@ __all__ = [
     "StopAndBuffer",
     "StreamAction",
     "StreamInfo",
+    "drive_phase",
 ]

@@ -414,6 +414,9 @@ static PyMethodDef crossing_methods[] = {
      "Python path until it is called."},
     {"drive", (PyCFunction)(void (*)(void))drive, METH_FASTCALL,
      "drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled."},
+    {"drive_phase", (PyCFunction)(void (*)(void))drive_phase, METH_FASTCALL,
+     "drive_phase(streams, start, phase, payload, end_of_stream, code): "
+     "stream.drive_phase_py, compiled."},
     {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
      "invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled."},
     {NULL, NULL, 0, NULL},

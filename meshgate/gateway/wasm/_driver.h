@@ -22,6 +22,10 @@ static PyObject *d_skip, *d_replied, *d_finished, *d_created, *d_generation, *d_
     *d_arm_deadline, *d_id, *d_failed, *d_reset_requested, *d_local_reply, *d_continued,
     *d_settled, *d_py_call, *d_after_trap, *d_callback, *d_py_invoke_all,
     *d_context_create;
+enum { PHASE_REQUEST_HEADERS, PHASE_RESPONSE_HEADERS, PHASE_RESPONSE_BODY };
+static PyObject *d_request_headers, *d_response_headers, *d_response_code,
+    *d_response_code_details, *d_response_body, *d_via_upstream, *d_data, *d_items,
+    *d_phase_exports[3];
 static PyObject *d_continue, *d_stop_and_buffer, *d_wasm_trap; /* set by configure_driver */
 static PyObject *d_one; /* the root context id, the second argument of context creation */
 
@@ -63,6 +67,17 @@ init_driver(void)
     INTERN(d_callback, "callback");
     INTERN(d_py_invoke_all, "_invoke_all");
     INTERN(d_context_create, "proxy_on_context_create");
+    INTERN(d_request_headers, "request_headers");
+    INTERN(d_response_headers, "response_headers");
+    INTERN(d_response_code, "response_code");
+    INTERN(d_response_code_details, "response_code_details");
+    INTERN(d_response_body, "response_body");
+    INTERN(d_via_upstream, "via_upstream");
+    INTERN(d_data, "data");
+    INTERN(d_items, "_items");
+    INTERN(d_phase_exports[PHASE_REQUEST_HEADERS], "proxy_on_request_headers");
+    INTERN(d_phase_exports[PHASE_RESPONSE_HEADERS], "proxy_on_response_headers");
+    INTERN(d_phase_exports[PHASE_RESPONSE_BODY], "proxy_on_response_body");
 #undef INTERN
     d_one = PyLong_FromLong(1);
     return d_one == NULL ? -1 : 0;
@@ -280,16 +295,10 @@ map_action(PyObject *stream, PyObject *ctx, PyObject *action, int end_of_stream,
     Py_RETURN_NONE;
 }
 
-/* drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled. */
+/* HttpStream._call, compiled: `args` is its argument vector, self first. */
 static PyObject *
-drive(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+drive_args(PyObject *const *args)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError,
-                        "drive(stream, export, size, end_of_stream, is_body)");
-        return NULL;
-    }
-    /* The argument vector is the Python reference's, self first. */
     if (d_wasm_trap == NULL)
         return PyObject_VectorcallMethod(d_py_call, args, 5, NULL);
     PyObject *stream = args[0], *export = args[1], *size = args[2], *eos = args[3];
@@ -357,6 +366,89 @@ done:
     Py_XDECREF(ctx_id);
     Py_XDECREF(result);
     return action;
+}
+
+/* drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled. */
+static PyObject *
+drive(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drive(stream, export, size, end_of_stream, is_body)");
+        return NULL;
+    }
+    return drive_args(args);
+}
+
+/* One stream's context takes what the phase shows it (HttpStream.begin_*'s first lines);
+ * `*size` is what the callback gets as its size argument. 0 or -1. */
+static int
+show_phase(PyObject *ctx, long phase, PyObject *payload, PyObject *code, PyObject **size)
+{
+    int rc;
+    if (phase == PHASE_RESPONSE_BODY) {
+        rc = SETATTR(ctx, d_response_body, payload);
+        PyObject *data = rc < 0 ? NULL : GETATTR(payload, d_data);
+        *size = data ? PyLong_FromSsize_t(PyObject_Length(data)) : NULL;
+        Py_XDECREF(data);
+        return *size == NULL ? -1 : 0;
+    }
+    if (phase == PHASE_REQUEST_HEADERS)
+        rc = SETATTR(ctx, d_request_headers, payload);
+    else
+        rc = SETATTR(ctx, d_response_headers, payload) < 0 ||
+             SETATTR(ctx, d_response_code, code) < 0 ||
+             SETATTR(ctx, d_response_code_details, d_via_upstream) < 0 ? -1 : 0;
+    /* The count after the plugins before this one: they may have added or removed. */
+    PyObject *items = rc < 0 ? NULL : GETATTR(payload, d_items);
+    *size = items ? PyLong_FromSsize_t(PyObject_Length(items)) : NULL;
+    Py_XDECREF(items);
+    return *size == NULL ? -1 : 0;
+}
+
+/* drive_phase(streams, start, phase, payload, end_of_stream, code): stream_phase.drive_phase_py,
+ * compiled. */
+static PyObject *
+drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drive_phase(streams: list, start, phase, payload, end_of_stream, code)");
+        return NULL;
+    }
+    PyObject *streams = args[0], *payload = args[3], *eos = args[4], *code = args[5];
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    long phase = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (phase < PHASE_REQUEST_HEADERS || phase > PHASE_RESPONSE_BODY) {
+        PyErr_Format(PyExc_ValueError, "unknown phase %ld", phase);
+        return NULL;
+    }
+    PyObject *export = d_phase_exports[phase];
+    PyObject *is_body = phase == PHASE_RESPONSE_BODY ? Py_True : Py_False;
+    for (Py_ssize_t i = start; i < PyList_GET_SIZE(streams); i++) {
+        PyObject *stream = PyList_GET_ITEM(streams, i);
+        Py_INCREF(stream);
+        PyObject *size = NULL, *action = NULL;
+        PyObject *ctx = GETATTR(stream, d_ctx);
+        if (ctx != NULL && show_phase(ctx, phase, payload, code, &size) == 0) {
+            PyObject *dargs[5] = {stream, export, size, eos, is_body};
+            action = drive_args(dargs);
+        }
+        Py_XDECREF(ctx);
+        Py_XDECREF(size);
+        Py_DECREF(stream);
+        if (action == NULL)
+            return NULL;
+        if (action == d_continue) {
+            Py_DECREF(action);
+            continue;
+        }
+        PyObject *stopped = Py_BuildValue("(nN)", i, action);
+        return stopped;
+    }
+    Py_RETURN_NONE;
 }
 
 /* invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled. */
