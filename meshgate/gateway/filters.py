@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -221,26 +222,39 @@ class PluginChain:
     def finish(self) -> None:
         """Each stream's closing callbacks. Synchronous, as the host's ``finish``: it runs
         on every plugged request, from the data path's ``finally``."""
-        for stream in self.streams:
-            try:
-                stream.finish()
-            except Exception:  # a plugin failing in on_done must not fail the response
-                log.exception("plugin stream finish failed")
+        # A plugin failing in on_done must not fail the response, nor stop the others.
+        for exc in (_WASM or _wasm()).finish_streams(self.streams) or ():
+            log.error("plugin stream finish failed", exc_info=exc)
 
 
 def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None) -> Any:
     traceparent, tracestate = w3c if w3c is not None else (None, None)
-    transport = request.transport
-    peer = transport.get_extra_info("peername") if transport else None
-    sock = transport.get_extra_info("sockname") if transport else None
-    return _wasm().StreamInfo(
-        source_address=f"{peer[0]}:{peer[1]}" if peer else "",
-        destination_address=f"{sock[0]}:{sock[1]}" if sock else "",
-        request_id=request.headers.get("x-request-id", ""),
-        traceparent=traceparent,
-        tracestate=tracestate or None,
-        span=span,
-    )
+    source, destination = _addresses(request.transport)
+    # Positional, in StreamInfo's field order: keywords cost as much again (it runs once
+    # per plugged request).
+    return _wasm().StreamInfo(source, destination, request.headers.get("x-request-id", ""),
+                              traceparent, tracestate or None, span)
+
+
+#: The ``ip:port`` pair of a connection, formatted once for all its requests.
+_ADDRESSES: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _addresses(transport: Any) -> tuple[str, str]:
+    if transport is None:
+        return "", ""
+    try:
+        return _ADDRESSES[transport]
+    except (KeyError, TypeError):  # TypeError: a transport that takes no weak reference
+        pass
+    peer = transport.get_extra_info("peername")
+    sock = transport.get_extra_info("sockname")
+    pair = (f"{peer[0]}:{peer[1]}" if peer else "", f"{sock[0]}:{sock[1]}" if sock else "")
+    try:
+        _ADDRESSES[transport] = pair
+    except TypeError:
+        pass
+    return pair
 
 
 async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:

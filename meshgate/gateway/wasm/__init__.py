@@ -53,7 +53,14 @@ from .context import Buffer, StreamInfo
 from .headers import HeaderMap
 from .host import PluginHost
 from .services import ForeignCall, ForeignFunction, HostServices, HttpCallDispatcher
-from .stream import REQUEST_HEADERS, RESPONSE_BODY, RESPONSE_HEADERS, HttpStream, drive_phase
+from .stream import (
+    REQUEST_HEADERS,
+    RESPONSE_BODY,
+    RESPONSE_HEADERS,
+    HttpStream,
+    drive_phase,
+    finish_streams,
+)
 
 __all__ = [
     "CONTINUE",
@@ -78,4 +85,5 @@ __all__ = [
     "StreamAction",
     "StreamInfo",
     "drive_phase",
+    "finish_streams",
 ]

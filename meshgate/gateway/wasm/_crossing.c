@@ -410,13 +410,15 @@ static PyMethodDef crossing_methods[] = {
      "configure(GuestMemoryError): the exception a bad guest pointer raises; fast paths "
      "stay off until it is set."},
     {"configure_driver", (PyCFunction)(void (*)(void))configure_driver, METH_FASTCALL,
-     "configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap): the driver stays on the "
-     "Python path until it is called."},
+     "configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap, finish_exports, "
+     "finish_streams_py): the driver stays on the Python path until it is called."},
     {"drive", (PyCFunction)(void (*)(void))drive, METH_FASTCALL,
      "drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled."},
     {"drive_phase", (PyCFunction)(void (*)(void))drive_phase, METH_FASTCALL,
      "drive_phase(streams, start, phase, payload, end_of_stream, code): "
      "stream.drive_phase_py, compiled."},
+    {"finish_streams", (PyCFunction)finish_streams, METH_O,
+     "finish_streams(streams): stream.finish_streams_py, compiled."},
     {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
      "invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled."},
     {NULL, NULL, 0, NULL},

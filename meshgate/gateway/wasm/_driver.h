@@ -25,7 +25,7 @@ static PyObject *d_skip, *d_replied, *d_finished, *d_created, *d_generation, *d_
 enum { PHASE_REQUEST_HEADERS, PHASE_RESPONSE_HEADERS, PHASE_RESPONSE_BODY };
 static PyObject *d_request_headers, *d_response_headers, *d_response_code,
     *d_response_code_details, *d_response_body, *d_via_upstream, *d_data, *d_items,
-    *d_phase_exports[3];
+    *d_phase_exports[3], *d_streams, *d_trapped, *d_finish_exports, *d_py_finish_streams;
 static PyObject *d_continue, *d_stop_and_buffer, *d_wasm_trap; /* set by configure_driver */
 static PyObject *d_one; /* the root context id, the second argument of context creation */
 
@@ -75,6 +75,8 @@ init_driver(void)
     INTERN(d_via_upstream, "via_upstream");
     INTERN(d_data, "data");
     INTERN(d_items, "_items");
+    INTERN(d_streams, "streams");
+    INTERN(d_trapped, "trapped");
     INTERN(d_phase_exports[PHASE_REQUEST_HEADERS], "proxy_on_request_headers");
     INTERN(d_phase_exports[PHASE_RESPONSE_HEADERS], "proxy_on_response_headers");
     INTERN(d_phase_exports[PHASE_RESPONSE_BODY], "proxy_on_response_body");
@@ -451,14 +453,11 @@ drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled. */
+/* PluginHost._invoke_all, compiled: `args` is its argument vector, self first, with
+ * the exports and the callbacks' arguments as tuples. */
 static PyObject *
-invoke_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+invoke_all_args(PyObject *const *args)
 {
-    if (nargs != 4 || !PyTuple_CheckExact(args[2]) || !PyTuple_CheckExact(args[3])) {
-        PyErr_SetString(PyExc_TypeError, "invoke_all(host, ctx, exports: tuple, args: tuple)");
-        return NULL;
-    }
     PyObject *host = args[0], *ctx = args[1], *exports = args[2], *cargs = args[3];
     Py_ssize_t n = PyTuple_GET_SIZE(exports);
     if (n > 8 || d_wasm_trap == NULL)
@@ -501,14 +500,149 @@ done:
     return result;
 }
 
+/* invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled. */
+static PyObject *
+invoke_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyTuple_CheckExact(args[2]) || !PyTuple_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "invoke_all(host, ctx, exports: tuple, args: tuple)");
+        return NULL;
+    }
+    return invoke_all_args(args);
+}
+
+/* The stream's VM is the one it started with, and not broken: 1, 0, or -1. */
+static int
+stream_alive(PyObject *stream, PyObject *host)
+{
+    PyObject *mine = GETATTR(stream, d_generation);
+    PyObject *now = mine ? GETATTR(host, d_host_generation) : NULL;
+    int r = now ? PyObject_RichCompareBool(mine, now, Py_EQ) : -1;
+    Py_XDECREF(mine);
+    Py_XDECREF(now);
+    if (r <= 0)
+        return r;
+    PyObject *vm = GETATTR(host, d_vm);
+    r = vm ? attr_true(vm, d_broken) : -1;
+    Py_XDECREF(vm);
+    return r < 0 ? -1 : !r;
+}
+
+/* A trap in a closing row: PluginHost.trapped(callback, exc), as HttpStream.finish. */
+static int
+closing_trap(PyObject *host)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && tb != NULL)
+        PyException_SetTraceback(v, tb);
+    PyObject *callback = v ? PyObject_GetAttr(v, d_callback) : NULL;
+    PyObject *r = callback ? PyObject_CallMethodObjArgs(host, d_trapped, callback, v, NULL)
+                           : NULL;
+    Py_XDECREF(r);
+    Py_XDECREF(callback);
+    Py_XDECREF(t);
+    Py_XDECREF(v);
+    Py_XDECREF(tb);
+    return r == NULL ? -1 : 0;
+}
+
+/* HttpStream.finish for one stream: 0, or -1 with an exception. */
+static int
+finish_one(PyObject *stream)
+{
+    int r = attr_true(stream, d_finished);
+    if (r != 0)
+        return r < 0 ? -1 : 0;
+    if (SETATTR(stream, d_finished, Py_True) < 0)
+        return -1;
+    PyObject *host = GETATTR(stream, d_host);
+    PyObject *ctx = host ? GETATTR(stream, d_ctx) : NULL;
+    PyObject *ctx_id = ctx ? GETATTR(ctx, d_id) : NULL;
+    PyObject *open = ctx_id ? GETATTR(host, d_streams) : NULL;
+    int rc = open == NULL ? -1 : 0;
+    if (rc == 0 && PyDict_CheckExact(open)) {
+        if (PyDict_DelItem(open, ctx_id) < 0 && PyErr_ExceptionMatches(PyExc_KeyError))
+            PyErr_Clear();
+        rc = PyErr_Occurred() ? -1 : 0;
+    } else if (rc == 0) {
+        PyObject *gone = PyObject_CallMethod(open, "pop", "OO", ctx_id, Py_None);
+        rc = gone == NULL ? -1 : 0;
+        Py_XDECREF(gone);
+    }
+    if (rc == 0 && (r = attr_true(stream, d_created)) > 0)
+        r = stream_alive(stream, host);
+    if (rc == 0 && r < 0)
+        rc = -1;
+    if (rc == 0 && r > 0) {
+        PyObject *cargs = PyTuple_Pack(1, ctx_id);
+        PyObject *args[4] = {host, ctx, d_finish_exports, cargs};
+        PyObject *result = cargs ? invoke_all_args(args) : NULL;
+        if (result == NULL && cargs != NULL && PyErr_ExceptionMatches(d_wasm_trap))
+            rc = closing_trap(host);
+        else
+            rc = result == NULL ? -1 : 0;
+        Py_XDECREF(result);
+        Py_XDECREF(cargs);
+    }
+    Py_XDECREF(open);
+    Py_XDECREF(ctx_id);
+    Py_XDECREF(ctx);
+    Py_XDECREF(host);
+    return rc;
+}
+
+/* finish_streams(streams): stream.finish_streams_py, compiled. */
+static PyObject *
+finish_streams(PyObject *module, PyObject *streams)
+{
+    if (!PyList_CheckExact(streams)) {
+        PyErr_SetString(PyExc_TypeError, "finish_streams(streams: list)");
+        return NULL;
+    }
+    if (d_wasm_trap == NULL)
+        return PyObject_CallOneArg(d_py_finish_streams, streams);
+    PyObject *errors = NULL;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(streams); i++) {
+        PyObject *stream = Py_NewRef(PyList_GET_ITEM(streams, i));
+        int rc = finish_one(stream);
+        Py_DECREF(stream);
+        if (rc == 0)
+            continue;
+        /* As the reference: the error is kept, and the other streams still finish. */
+        if (!PyErr_ExceptionMatches(PyExc_Exception))
+            goto failed;
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        PyErr_NormalizeException(&t, &v, &tb);
+        if (v != NULL && tb != NULL)
+            PyException_SetTraceback(v, tb);
+        Py_XDECREF(t);
+        Py_XDECREF(tb);
+        if (errors == NULL)
+            errors = PyList_New(0);
+        rc = errors == NULL || v == NULL ? -1 : PyList_Append(errors, v);
+        Py_XDECREF(v);
+        if (rc < 0)
+            goto failed;
+    }
+    return errors != NULL ? errors : Py_NewRef(Py_None);
+failed:
+    Py_XDECREF(errors);
+    return NULL;
+}
+
 static PyObject *
 configure_driver(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyExceptionClass_Check(args[2])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap)");
+    if (nargs != 5 || !PyExceptionClass_Check(args[2]) || !PyTuple_CheckExact(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "configure_driver(CONTINUE, STOP_AND_BUFFER, "
+                        "WasmTrap, finish_exports: tuple, finish_streams_py)");
         return NULL;
     }
+    Py_XSETREF(d_finish_exports, Py_NewRef(args[3]));
+    Py_XSETREF(d_py_finish_streams, Py_NewRef(args[4]));
     Py_XSETREF(d_continue, Py_NewRef(args[0]));
     Py_XSETREF(d_stop_and_buffer, Py_NewRef(args[1]));
     Py_XSETREF(d_wasm_trap, Py_NewRef(args[2]));

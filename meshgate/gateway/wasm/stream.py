@@ -264,10 +264,23 @@ class HttpStream:
                           regular, bytes(ctx.response_body.data), reply.details)
 
 
+def finish_streams_py(streams: list[HttpStream]) -> list[Exception] | None:
+    """``finish()`` every stream; the errors (none: None), each stream finished anyway."""
+    errors: list[Exception] | None = None
+    for stream in streams:
+        try:
+            stream.finish()
+        except Exception as exc:
+            errors = errors or []
+            errors.append(exc)
+    return errors
+
+
 #: ``_drive(stream, export, size, end_of_stream, is_body)``: ``HttpStream._call``, or the
 #: compiled driver where the compiled crossings are in use (decision 1100).
 if COMPILED_DRIVER is not None:
-    COMPILED_DRIVER.configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap)
+    COMPILED_DRIVER.configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap, _FINISH_EXPORTS,
+                                     finish_streams_py)
 _drive = COMPILED_DRIVER.drive if COMPILED_DRIVER is not None else HttpStream._call
 
 
@@ -322,3 +335,5 @@ def drive_phase_py(streams: list[HttpStream], start: int, phase: int,
 
 
 drive_phase = COMPILED_DRIVER.drive_phase if COMPILED_DRIVER is not None else drive_phase_py
+finish_streams = (COMPILED_DRIVER.finish_streams if COMPILED_DRIVER is not None
+                  else finish_streams_py)

@@ -17,7 +17,16 @@ from typing import Any
 
 import pytest
 
-from meshgate.gateway.wasm import CONTINUE, STOP_AND_BUFFER, HeaderMap, LocalReply
+from meshgate.gateway.wasm import (
+    CONTINUE,
+    REQUEST_HEADERS,
+    RESPONSE_BODY,
+    RESPONSE_HEADERS,
+    STOP_AND_BUFFER,
+    Buffer,
+    HeaderMap,
+    LocalReply,
+)
 from meshgate.gateway.wasm import stream as stream_module
 from meshgate.gateway.wasm._rawcall import COMPILED_DRIVER
 from meshgate.gateway.wasm.host import PluginHost
@@ -128,6 +137,34 @@ async def test_a_trap_in_the_closing_row_names_its_callback(load: Any, caplog: A
 async def test_the_driver_is_what_the_data_path_calls() -> None:
     assert stream_module._drive is COMPILED_DRIVER.drive
     assert stream_module._invoke_all is COMPILED_DRIVER.invoke_all
+    assert stream_module.drive_phase is COMPILED_DRIVER.drive_phase
+    assert stream_module.finish_streams is COMPILED_DRIVER.finish_streams
+
+
+async def test_phases_and_finishing_leak_no_python_objects(load: Any) -> None:
+    hosts = [await load(plugin(), name=f"p{i}") for i in range(2)]
+
+    def one() -> None:
+        streams = [h.new_stream() for h in hosts]
+        body = Buffer(bytearray(b"ok"), mutable=True)
+        assert stream_module.drive_phase(streams, 0, REQUEST_HEADERS, request(), True,
+                                         None) is None
+        assert stream_module.drive_phase(streams, 0, RESPONSE_HEADERS,
+                                         HeaderMap([(":status", "200")]), False, 200) is None
+        assert stream_module.drive_phase(streams, 0, RESPONSE_BODY, body, True, None) is None
+        assert stream_module.finish_streams(streams) is None
+
+    for _ in range(200):
+        one()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3000):
+            one()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 32 * 1024, f"Python heap grew {grown} bytes over 3,000 requests"
 
 
 async def test_the_driver_leaks_no_python_objects(load: Any) -> None:

@@ -1,11 +1,13 @@
-"""`drive_phase`: one phase of a request through a listener's plugins in one call.
+"""`drive_phase` and `finish_streams`: a listener's plugins driven a phase at a time.
 
-The data path (`PluginChain`) runs each phase this way. Both the compiled driver and its
-Python reference (`drive_phase_py`) are checked here, against the same plugins.
+The data path (`PluginChain`) runs each phase of a request, and the closing callbacks,
+with one call each. Both the compiled driver and its Python references
+(`drive_phase_py`, `finish_streams_py`) are checked here, against the same plugins.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -17,13 +19,16 @@ from meshgate.gateway.wasm import (
     Buffer,
     HeaderMap,
     LocalReply,
+    PluginHost,
     drive_phase,
+    finish_streams,
 )
-from meshgate.gateway.wasm.stream import drive_phase_py
+from meshgate.gateway.wasm.stream import drive_phase_py, finish_streams_py
 
-from .wat import plugin
+from .wat import log_info, plugin
 
-DRIVERS = {"compiled or ctypes default": drive_phase, "python": drive_phase_py}
+DRIVERS = {"compiled or ctypes default": (drive_phase, finish_streams),
+           "python": (drive_phase_py, finish_streams_py)}
 
 # Adds `x-added: 1` to the request headers.
 ADDS_A_HEADER = """
@@ -39,8 +44,27 @@ def headers() -> HeaderMap:
 
 
 @pytest.fixture(params=sorted(DRIVERS))
-def drive(request: pytest.FixtureRequest) -> Any:
+def driver(request: pytest.FixtureRequest) -> tuple[Any, Any]:
     return DRIVERS[request.param]
+
+
+@pytest.fixture
+def drive(driver: tuple[Any, Any]) -> Any:
+    return driver[0]
+
+
+@pytest.fixture
+def finish(driver: tuple[Any, Any]) -> Any:
+    return driver[1]
+
+
+CLOSING = {"on_log": log_info("log"), "on_done": f"{log_info('done')} (i32.const 1)",
+           "on_delete": log_info("delete"),
+           "strings": {"log": b"log", "done": b"done", "delete": b"delete"}}
+
+
+def closing_lines(caplog: Any, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == f"meshgate.plugin.{name}"]
 
 
 async def test_a_plugin_sees_the_headers_the_ones_before_it_left(load: Any, drive: Any) -> None:
@@ -108,3 +132,57 @@ def test_an_unknown_phase_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown phase 7"):
         drive_phase([], 0, 7, headers(), True, None)
 
+
+
+async def test_finishing_runs_the_closing_callbacks_once(load: Any, drive: Any, finish: Any,
+                                                         caplog: Any) -> None:
+    caplog.set_level(logging.INFO)
+    host = await load(plugin(**CLOSING))
+    streams = [host.new_stream(), host.new_stream()]
+    assert drive(streams, 0, REQUEST_HEADERS, headers(), True, None) is None
+    assert finish(streams) is None
+    assert finish(streams) is None  # finished streams stay finished
+    assert closing_lines(caplog, "probe") == ["log", "done", "delete"] * 2
+    assert not host.streams  # the host forgets them
+
+
+async def test_a_stream_never_called_is_finished_without_callbacks(
+        load: Any, finish: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO)
+    host = await load(plugin(**CLOSING))
+    stream = host.new_stream()
+    assert finish([stream]) is None
+    assert closing_lines(caplog, "probe") == [] and not host.streams
+
+
+async def test_a_trap_while_closing_is_logged_and_the_rest_finish(
+        load: Any, drive: Any, finish: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO)
+    trapping = await load(plugin(on_done="(unreachable)"), name="trapping")
+    ok = await load(plugin(**CLOSING), name="ok")
+    streams = [trapping.new_stream(), ok.new_stream()]
+    assert drive(streams, 0, REQUEST_HEADERS, headers(), True, None) is None
+    assert finish(streams) is None
+    trapped = [r.getMessage() for r in caplog.records if "trapped" in r.getMessage()]
+    assert len(trapped) == 1 and "plugin 'trapping'" in trapped[0]
+    assert "in proxy_on_done" in trapped[0]
+    assert trapping.vm.broken
+    assert closing_lines(caplog, "ok") == ["log", "done", "delete"]
+
+
+async def test_an_error_while_closing_is_returned_and_the_rest_finish(
+        load: Any, drive: Any, finish: Any, caplog: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO)
+    trapping = await load(plugin(on_log="(unreachable)"), name="trapping")
+    ok = await load(plugin(**CLOSING), name="ok")
+
+    def broken_trapped(host: PluginHost, callback: str, exc: Exception) -> None:
+        raise RuntimeError(f"cannot record the trap in {callback}")
+
+    monkeypatch.setattr(PluginHost, "trapped", broken_trapped)
+    streams = [trapping.new_stream(), ok.new_stream()]
+    assert drive(streams, 0, REQUEST_HEADERS, headers(), True, None) is None
+    errors = finish(streams)
+    assert [str(e) for e in errors] == ["cannot record the trap in proxy_on_log"]
+    assert closing_lines(caplog, "ok") == ["log", "done", "delete"]
