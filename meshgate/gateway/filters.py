@@ -97,6 +97,8 @@ class PluginChain:
 
     def __init__(self, streams: list[Any], limit: int) -> None:
         self.streams = streams
+        #: The response's order (Envoy's encoder filters run last to first).
+        self.reversed_streams = streams[::-1]
         self.limit = limit
         self.path: str | None = None
         self.status: int | None = None
@@ -119,10 +121,9 @@ class PluginChain:
         """Run the plugins over the request headers, in filter order; edits land in
         `headers` and `self.path`. Raises PluginReplied / StreamReset."""
         wasm = _WASM or _wasm()
-        pairs = [(":method", method), (":path", path), (":authority", request.host),
-                 (":scheme", request.scheme)]  # fmt: skip
-        pairs.extend(headers.items())
-        hmap = wasm.HeaderMap(pairs)
+        hmap = wasm.HeaderMap.lowered([
+            (":method", method), (":path", path), (":authority", request.host),
+            (":scheme", request.scheme), *[(k.lower(), v) for k, v in headers.items()]])
         end = not request.body_exists
         stopped = wasm.drive_phase(self.streams, 0, wasm.REQUEST_HEADERS, hmap, end, None)
         if stopped is not None:  # the common case, without a coroutine
@@ -134,10 +135,9 @@ class PluginChain:
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         self.responded = True
         wasm = _WASM or _wasm()
-        pairs = [(":status", str(status))]
-        pairs.extend(headers.items())
-        hmap = wasm.HeaderMap(pairs)
-        streams = self._reversed()
+        hmap = wasm.HeaderMap.lowered(
+            [(":status", str(status)), *[(k.lower(), v) for k, v in headers.items()]])
+        streams = self.reversed_streams
         stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_HEADERS, hmap, False, status)
         if stopped is not None:
             await self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False,
@@ -155,9 +155,6 @@ class PluginChain:
             index, action = stopped
             _outcome(action if action is not None else await streams[index].resumed())
             stopped = _WASM.drive_phase(streams, index + 1, phase, payload, end, code)
-
-    def _reversed(self) -> list[Any]:
-        return self.streams[::-1] if len(self.streams) > 1 else self.streams
 
     @property
     def may_change_request_body(self) -> bool:
@@ -179,8 +176,8 @@ class PluginChain:
         next sees the edits; a `StopAndBuffer` at end of stream is a continue.
         """
         wasm = _WASM or _wasm()
-        buffer = wasm.Buffer(bytearray(body), mutable=True)
-        streams = self._reversed()
+        buffer = wasm.Buffer(bytearray(body), True)  # mutable
+        streams = self.reversed_streams
         stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_BODY, buffer, True, None)
         if stopped is not None:
             await self._rest_of_phase(streams, stopped, wasm.RESPONSE_BODY, buffer, True)

@@ -20,6 +20,15 @@ class HeaderMap:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
         self.edits = 0
 
+    @classmethod
+    def lowered(cls, items: list[tuple[str, str]]) -> HeaderMap:
+        """A map that takes ``items`` as they are: names already lower-cased, and the list
+        the map's own from now on. The data path builds one per request and direction."""
+        hmap = cls.__new__(cls)
+        hmap._items = items
+        hmap.edits = 0
+        return hmap
+
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(list(self._items))
 

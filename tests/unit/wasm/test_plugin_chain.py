@@ -1,0 +1,74 @@
+"""`PluginChain`, the data path's side of the plugins, over an aiohttp request.
+
+The integration suite sends real HTTP through it; here each phase is checked on its own:
+header names as a plugin sees them, edits copied back, replies, and the closing row.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
+
+from meshgate.gateway.filters import PluginChain, PluginReplied
+
+from .wat import log_info, plugin
+
+# 403 unless the request has `x-mixed` (asked for in lower case, as plugins do).
+NEEDS_X_MIXED = """
+  (if (result i32) (i32.eqz (call $proxy_get_header_map_value (i32.const 0) @k #k
+                                  (i32.const 0) (i32.const 4)))
+      (then (i32.const 0))
+      (else (drop (call $proxy_send_local_response (i32.const 403) (i32.const 0)
+                        (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 0)
+                        (i32.const 0) (i32.const -1)))
+            (i32.const 1)))"""
+# Adds `x-seen: yes` to the response headers.
+MARKS_RESPONSE = """
+  (drop (call $proxy_add_header_map_value (i32.const 2) @k #k @v #v)) (i32.const 0)"""
+
+
+async def chain_of(load: Any, headers: dict[str, str]) -> tuple[PluginChain, Any]:
+    gate = await load(plugin(on_request_headers=NEEDS_X_MIXED, strings={"k": b"x-mixed"}),
+                      name="gate")
+    marker = await load(plugin(on_response_headers=MARKS_RESPONSE, on_log=log_info("log"),
+                               strings={"k": b"x-seen", "v": b"yes", "log": b"closed"}),
+                        name="marker")
+    request = make_mocked_request("GET", "/a", headers=headers)
+    return PluginChain.start([gate, marker], request, None, 1024, None), request
+
+
+async def test_header_names_reach_plugins_in_lower_case(load: Any) -> None:
+    chain, request = await chain_of(load, {"Host": "svc", "X-Mixed": "1"})
+    up = CIMultiDict(request.headers)
+    await chain.request_headers("GET", "/a", up, request)
+    assert chain.path is None  # nothing edited: the data path keeps its own headers
+    chain.finish()
+
+
+async def test_a_reply_from_a_plugin_stops_the_request(load: Any) -> None:
+    chain, request = await chain_of(load, {"Host": "svc"})
+    with pytest.raises(PluginReplied) as replied:
+        await chain.request_headers("GET", "/a", CIMultiDict(request.headers), request)
+    assert replied.value.reply.status == 403
+    chain.finish()
+
+
+async def test_response_edits_are_copied_back_and_the_body_kept(load: Any,
+                                                               caplog: Any) -> None:
+    caplog.set_level(logging.INFO)
+    chain, request = await chain_of(load, {"Host": "svc", "x-mixed": "1"})
+    await chain.request_headers("GET", "/a", CIMultiDict(request.headers), request)
+    headers = CIMultiDict([("Content-Type", "text/plain"), ("Server", "up")])
+    await chain.response_headers(200, headers)
+    assert list(headers.items()) == [("content-type", "text/plain"), ("server", "up"),
+                                     ("x-seen", "yes")]
+    assert chain.status == 200
+    assert await chain.whole_response_body(b"hello") == b"hello"
+    chain.finish()
+    chain.finish()  # once only
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "meshgate.plugin.marker"] == ["closed"]
