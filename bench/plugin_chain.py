@@ -59,13 +59,16 @@ class Transport:
 
 def python_driver() -> Callable[[], None]:
     """Swap the Python driver in; returns the undo."""
-    saved = stream_module._drive, stream_module._invoke_all, wasm.drive_phase
+    saved = (stream_module._drive, stream_module._invoke_all, wasm.drive_phase,
+             wasm.finish_streams)
     stream_module._drive = HttpStream._call
     stream_module._invoke_all = PluginHost._invoke_all
     wasm.drive_phase = stream_module.drive_phase_py
+    wasm.finish_streams = stream_module.finish_streams_py
 
     def undo() -> None:
-        stream_module._drive, stream_module._invoke_all, wasm.drive_phase = saved
+        (stream_module._drive, stream_module._invoke_all, wasm.drive_phase,
+         wasm.finish_streams) = saved
 
     return undo
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,18 +40,16 @@ class LocalReply:
 
 
 _WASM: Any = None
-_CONTINUE: Any = object()  # the host's Continue singleton once it is imported
 
 
 def _wasm() -> Any:
     # Imported late: the host module pulls in wasmtime, which a sidecar without plugins
     # (and the unit tests of routing) never needs. Cached: this runs several times a request.
-    global _WASM, _CONTINUE
+    global _WASM
     if _WASM is None:
         from meshgate.gateway import wasm
 
         _WASM = wasm
-        _CONTINUE = wasm.CONTINUE
     return _WASM
 
 
@@ -124,10 +121,9 @@ class PluginChain:
         hmap = wasm.HeaderMap.lowered([
             (":method", method), (":path", path), (":authority", request.host),
             (":scheme", request.scheme), *[(k.lower(), v) for k, v in headers.items()]])
-        end = not request.body_exists
-        stopped = wasm.drive_phase(self.streams, 0, wasm.REQUEST_HEADERS, hmap, end, None)
-        if stopped is not None:  # the common case, without a coroutine
-            await self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap, end)
+        rest = self._phase(self.streams, wasm.REQUEST_HEADERS, hmap, not request.body_exists)
+        if rest is not None:
+            await rest
         if hmap.edits:  # most plugins only read request headers: skip the copy back
             self.path = hmap.get(":path")
             _write_back(hmap, headers)
@@ -137,20 +133,30 @@ class PluginChain:
         wasm = _WASM or _wasm()
         hmap = wasm.HeaderMap.lowered(
             [(":status", str(status)), *[(k.lower(), v) for k, v in headers.items()]])
-        streams = self.reversed_streams
-        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_HEADERS, hmap, False, status)
-        if stopped is not None:
-            await self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False,
-                                      status)
+        rest = self._phase(self.reversed_streams, wasm.RESPONSE_HEADERS, hmap, False, status)
+        if rest is not None:
+            await rest
         if hmap.edits:
             new_status = hmap.get(":status")
             self.status = int(new_status) if new_status and new_status.isdigit() else None
             _write_back(hmap, headers)
 
-    async def _rest_of_phase(self, streams: list[Any], stopped: tuple[int, Any], phase: int,
-                             payload: Any, end: bool, code: int | None = None) -> None:
-        """A phase (`wasm.drive_phase`) after a plugin did not continue: its action is
-        carried out (a pause awaited), then the phase goes on with the next plugin."""
+    @staticmethod
+    def _phase(streams: list[Any], phase: int, payload: Any, end: bool,
+               code: int | None = None) -> Coroutine[Any, Any, None] | None:
+        """One phase through `streams` (`wasm.drive_phase`): None when every plugin
+        continued, the common case, settled without a coroutine; else what is left of
+        the phase, to await."""
+        stopped = _WASM.drive_phase(streams, 0, phase, payload, end, code)
+        if stopped is None:
+            return None
+        return PluginChain._rest_of_phase(streams, stopped, phase, payload, end, code)
+
+    @staticmethod
+    async def _rest_of_phase(streams: list[Any], stopped: tuple[int, Any] | None, phase: int,
+                             payload: Any, end: bool, code: int | None) -> None:
+        """A phase after a plugin did not continue: its action is carried out (a pause
+        awaited), then the phase goes on with the next plugin."""
         while stopped is not None:
             index, action = stopped
             _outcome(action if action is not None else await streams[index].resumed())
@@ -177,10 +183,9 @@ class PluginChain:
         """
         wasm = _WASM or _wasm()
         buffer = wasm.Buffer(bytearray(body), True)  # mutable
-        streams = self.reversed_streams
-        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_BODY, buffer, True, None)
-        if stopped is not None:
-            await self._rest_of_phase(streams, stopped, wasm.RESPONSE_BODY, buffer, True)
+        rest = self._phase(self.reversed_streams, wasm.RESPONSE_BODY, buffer, True)
+        if rest is not None:
+            await rest
         return bytes(buffer.data)
 
     async def _body(
@@ -226,32 +231,15 @@ class PluginChain:
 
 def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None) -> Any:
     traceparent, tracestate = w3c if w3c is not None else (None, None)
-    source, destination = _addresses(request.transport)
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport else None
+    sock = transport.get_extra_info("sockname") if transport else None
     # Positional, in StreamInfo's field order: keywords cost as much again (it runs once
     # per plugged request).
-    return _wasm().StreamInfo(source, destination, request.headers.get("x-request-id", ""),
+    return _wasm().StreamInfo(f"{peer[0]}:{peer[1]}" if peer else "",
+                              f"{sock[0]}:{sock[1]}" if sock else "",
+                              request.headers.get("x-request-id", ""),
                               traceparent, tracestate or None, span)
-
-
-#: The ``ip:port`` pair of a connection, formatted once for all its requests.
-_ADDRESSES: weakref.WeakKeyDictionary[Any, tuple[str, str]] = weakref.WeakKeyDictionary()
-
-
-def _addresses(transport: Any) -> tuple[str, str]:
-    if transport is None:
-        return "", ""
-    try:
-        return _ADDRESSES[transport]
-    except (KeyError, TypeError):  # TypeError: a transport that takes no weak reference
-        pass
-    peer = transport.get_extra_info("peername")
-    sock = transport.get_extra_info("sockname")
-    pair = (f"{peer[0]}:{peer[1]}" if peer else "", f"{sock[0]}:{sock[1]}" if sock else "")
-    try:
-        _ADDRESSES[transport] = pair
-    except TypeError:
-        pass
-    return pair
 
 
 async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:

@@ -279,13 +279,7 @@ failed:
     }
 error: ;
     /* Rare: decide in Python (bad guest pointer -> status, trap, or a logged host bug). */
-    PyObject *etype, *exc, *etb;
-    PyErr_Fetch(&etype, &exc, &etb);
-    PyErr_NormalizeException(&etype, &exc, &etb);
-    if (exc != NULL && etb != NULL)
-        PyException_SetTraceback(exc, etb);
-    Py_XDECREF(etype);
-    Py_XDECREF(etb);
+    PyObject *exc = take_exception();
     if (exc == NULL) {
         exc = Py_None;
         Py_INCREF(exc);

@@ -250,6 +250,22 @@ name_trap(PyObject *export)
     PyErr_Restore(t, v, tb);
 }
 
+/* The stream's VM is the one it started with, and not broken (HttpStream._alive): 1, 0,
+ * or -1. */
+static int
+stream_alive(PyObject *stream, PyObject *host, PyObject *vm)
+{
+    PyObject *mine = GETATTR(stream, d_generation);
+    PyObject *now = mine ? GETATTR(host, d_host_generation) : NULL;
+    int r = now ? PyObject_RichCompareBool(mine, now, Py_EQ) : -1;
+    Py_XDECREF(mine);
+    Py_XDECREF(now);
+    if (r <= 0)
+        return r;
+    r = attr_true(vm, d_broken);
+    return r < 0 ? -1 : !r;
+}
+
 /* The stream's preconditions for the compiled path: 1 (take it), 0 (fall back), -1. */
 static int
 stream_ready(PyObject *stream, PyObject *host, PyObject *vm)
@@ -258,16 +274,24 @@ stream_ready(PyObject *stream, PyObject *host, PyObject *vm)
     if ((r = attr_true(stream, d_skip)) != 0 || (r = attr_true(stream, d_replied)) != 0 ||
         (r = attr_true(stream, d_finished)) != 0)
         return r < 0 ? -1 : 0;
-    PyObject *mine = GETATTR(stream, d_generation);
-    PyObject *now = mine ? GETATTR(host, d_host_generation) : NULL;
-    r = now ? PyObject_RichCompareBool(mine, now, Py_EQ) : -1;
-    Py_XDECREF(mine);
-    Py_XDECREF(now);
-    if (r <= 0)
+    if ((r = stream_alive(stream, host, vm)) <= 0)
         return r;
-    if ((r = attr_true(vm, d_broken)) != 0)
-        return r < 0 ? -1 : 0;
     return vm_idle(vm);
+}
+
+/* The pending exception, normalised, with its traceback attached: a new reference (NULL
+ * if none), the error indicator cleared. */
+static PyObject *
+take_exception(void)
+{
+    PyObject *t, *v, *tb;
+    PyErr_Fetch(&t, &v, &tb);
+    PyErr_NormalizeException(&t, &v, &tb);
+    if (v != NULL && tb != NULL)
+        PyException_SetTraceback(v, tb);
+    Py_XDECREF(t);
+    Py_XDECREF(tb);
+    return v;
 }
 
 /* After the callback: a failure, reset or local reply the plugin caused goes to
@@ -348,16 +372,10 @@ drive_args(PyObject *const *args)
     if (result != NULL) {
         action = map_action(stream, ctx, result, end_of_stream, is_body);
     } else if (PyErr_ExceptionMatches(d_wasm_trap)) {
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        PyErr_NormalizeException(&t, &v, &tb);
-        if (v != NULL && tb != NULL)
-            PyException_SetTraceback(v, tb);
+        PyObject *v = take_exception();
         action = PyObject_CallMethodObjArgs(stream, d_after_trap, trapped,
                                             v ? v : Py_None, NULL);
-        Py_XDECREF(t);
         Py_XDECREF(v);
-        Py_XDECREF(tb);
     }
 done:
     Py_XDECREF(host);
@@ -408,7 +426,7 @@ show_phase(PyObject *ctx, long phase, PyObject *payload, PyObject *code, PyObjec
     return *size == NULL ? -1 : 0;
 }
 
-/* drive_phase(streams, start, phase, payload, end_of_stream, code): stream_phase.drive_phase_py,
+/* drive_phase(streams, start, phase, payload, end_of_stream, code): stream.drive_phase_py,
  * compiled. */
 static PyObject *
 drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -511,40 +529,17 @@ invoke_all(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return invoke_all_args(args);
 }
 
-/* The stream's VM is the one it started with, and not broken: 1, 0, or -1. */
-static int
-stream_alive(PyObject *stream, PyObject *host)
-{
-    PyObject *mine = GETATTR(stream, d_generation);
-    PyObject *now = mine ? GETATTR(host, d_host_generation) : NULL;
-    int r = now ? PyObject_RichCompareBool(mine, now, Py_EQ) : -1;
-    Py_XDECREF(mine);
-    Py_XDECREF(now);
-    if (r <= 0)
-        return r;
-    PyObject *vm = GETATTR(host, d_vm);
-    r = vm ? attr_true(vm, d_broken) : -1;
-    Py_XDECREF(vm);
-    return r < 0 ? -1 : !r;
-}
-
 /* A trap in a closing row: PluginHost.trapped(callback, exc), as HttpStream.finish. */
 static int
 closing_trap(PyObject *host)
 {
-    PyObject *t, *v, *tb;
-    PyErr_Fetch(&t, &v, &tb);
-    PyErr_NormalizeException(&t, &v, &tb);
-    if (v != NULL && tb != NULL)
-        PyException_SetTraceback(v, tb);
+    PyObject *v = take_exception();
     PyObject *callback = v ? PyObject_GetAttr(v, d_callback) : NULL;
     PyObject *r = callback ? PyObject_CallMethodObjArgs(host, d_trapped, callback, v, NULL)
                            : NULL;
     Py_XDECREF(r);
     Py_XDECREF(callback);
-    Py_XDECREF(t);
     Py_XDECREF(v);
-    Py_XDECREF(tb);
     return r == NULL ? -1 : 0;
 }
 
@@ -561,18 +556,17 @@ finish_one(PyObject *stream)
     PyObject *ctx = host ? GETATTR(stream, d_ctx) : NULL;
     PyObject *ctx_id = ctx ? GETATTR(ctx, d_id) : NULL;
     PyObject *open = ctx_id ? GETATTR(host, d_streams) : NULL;
-    int rc = open == NULL ? -1 : 0;
-    if (rc == 0 && PyDict_CheckExact(open)) {
-        if (PyDict_DelItem(open, ctx_id) < 0 && PyErr_ExceptionMatches(PyExc_KeyError))
+    PyObject *vm = open ? GETATTR(host, d_vm) : NULL;
+    int rc = vm == NULL ? -1 : 0;
+    /* host.streams.pop(ctx.id, None) */
+    if (rc == 0 && PyObject_DelItem(open, ctx_id) < 0) {
+        if (PyErr_ExceptionMatches(PyExc_KeyError))
             PyErr_Clear();
-        rc = PyErr_Occurred() ? -1 : 0;
-    } else if (rc == 0) {
-        PyObject *gone = PyObject_CallMethod(open, "pop", "OO", ctx_id, Py_None);
-        rc = gone == NULL ? -1 : 0;
-        Py_XDECREF(gone);
+        else
+            rc = -1;
     }
     if (rc == 0 && (r = attr_true(stream, d_created)) > 0)
-        r = stream_alive(stream, host);
+        r = stream_alive(stream, host, vm);
     if (rc == 0 && r < 0)
         rc = -1;
     if (rc == 0 && r > 0) {
@@ -586,6 +580,7 @@ finish_one(PyObject *stream)
         Py_XDECREF(result);
         Py_XDECREF(cargs);
     }
+    Py_XDECREF(vm);
     Py_XDECREF(open);
     Py_XDECREF(ctx_id);
     Py_XDECREF(ctx);
@@ -613,13 +608,7 @@ finish_streams(PyObject *module, PyObject *streams)
         /* As the reference: the error is kept, and the other streams still finish. */
         if (!PyErr_ExceptionMatches(PyExc_Exception))
             goto failed;
-        PyObject *t, *v, *tb;
-        PyErr_Fetch(&t, &v, &tb);
-        PyErr_NormalizeException(&t, &v, &tb);
-        if (v != NULL && tb != NULL)
-            PyException_SetTraceback(v, tb);
-        Py_XDECREF(t);
-        Py_XDECREF(tb);
+        PyObject *v = take_exception();
         if (errors == NULL)
             errors = PyList_New(0);
         rc = errors == NULL || v == NULL ? -1 : PyList_Append(errors, v);

@@ -77,9 +77,7 @@ class HttpStream:
         paused the stream (then ``await resumed()``). The data path's common case is a
         plugin that decides at once, and two coroutines per plugin and phase showed in
         its profile."""
-        self.ctx.request_headers = headers
-        return _drive(self, "proxy_on_request_headers", len(headers._items), end_of_stream,
-                      False)
+        return _one_phase(self, REQUEST_HEADERS, headers, end_of_stream, None)
 
     async def request_body(self, body: bytearray | bytes,
                            end_of_stream: bool) -> StreamAction:
@@ -103,13 +101,9 @@ class HttpStream:
     def begin_response_headers(self, headers: HeaderMap,
                                end_of_stream: bool) -> StreamAction | None:
         """As ``begin_request_headers``, for the response."""
-        ctx = self.ctx
-        ctx.response_headers = headers
         status = headers.get(":status")
-        ctx.response_code = int(status) if status and status.isdigit() else None
-        ctx.response_code_details = "via_upstream"
-        return _drive(self, "proxy_on_response_headers", len(headers._items), end_of_stream,
-                      False)
+        code = int(status) if status and status.isdigit() else None
+        return _one_phase(self, RESPONSE_HEADERS, headers, end_of_stream, code)
 
     async def response_body(self, body: bytearray | bytes,
                             end_of_stream: bool) -> StreamAction:
@@ -120,8 +114,8 @@ class HttpStream:
     def begin_response_body(self, body: bytearray | bytes,
                             end_of_stream: bool) -> StreamAction | None:
         """As ``begin_request_headers``, for a response body (``response_body``)."""
-        self.ctx.response_body = Buffer(_mutable(body), mutable=True)
-        return _drive(self, "proxy_on_response_body", len(body), end_of_stream, True)
+        return _one_phase(self, RESPONSE_BODY, Buffer(_mutable(body), mutable=True),
+                          end_of_stream, None)
 
     async def response_trailers(self, trailers: HeaderMap) -> StreamAction:
         self.ctx.response_trailers = trailers
@@ -335,5 +329,13 @@ def drive_phase_py(streams: list[HttpStream], start: int, phase: int,
 
 
 drive_phase = COMPILED_DRIVER.drive_phase if COMPILED_DRIVER is not None else drive_phase_py
+
+
+def _one_phase(stream: HttpStream, phase: int, payload: HeaderMap | Buffer,
+               end_of_stream: bool, code: int | None) -> StreamAction | None:
+    """A phase through one stream (its ``begin_*`` methods): its action, None if paused."""
+    stopped = drive_phase([stream], 0, phase, payload, end_of_stream, code)
+    return CONTINUE if stopped is None else stopped[1]
+
 finish_streams = (COMPILED_DRIVER.finish_streams if COMPILED_DRIVER is not None
                   else finish_streams_py)
