@@ -250,9 +250,29 @@ async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:
 
 
 def _write_back(hmap: Any, headers: CIMultiDict[str]) -> None:
-    headers.clear()
-    # The map's own list, read without the copy `items()` makes: nothing edits it here.
-    headers.extend([(name, value) for name, value in hmap._items if name[:1] != ":"])
+    """The plugins' edits of ``hmap`` onto ``headers``, the map it was built from.
+
+    Replayed one by one where the map logged them (decision 1500): a plugin sets a few
+    headers, and ``CIMultiDict`` does each edit as ``HeaderMap`` does (a set replaces the
+    first value in place and drops the others), at a tenth of the cost of a rebuild.
+    Pseudo-headers are not in ``headers``: the chain reads them from the map.
+    """
+    log = hmap.log
+    if log is None:
+        headers.clear()
+        # The map's own list, read without the copy `items()` makes: nothing edits it here.
+        headers.extend([(name, value) for name, value in hmap._items if name[:1] != ":"])
+        return
+    ops = (_WASM or _wasm()).headers
+    for op, name, value in log:
+        if name[:1] == ":":
+            continue
+        if op == ops.SET:
+            headers[name] = value
+        elif op == ops.ADD:
+            headers.add(name, value)
+        else:
+            headers.popall(name, None)
 
 
 class ClusterCallDispatcher:

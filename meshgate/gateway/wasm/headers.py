@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+#: The operations of ``HeaderMap.log`` (the compiled fast paths log the same numbers).
+SET, ADD, REMOVE = 0, 1, 2
+
 
 class HeaderMap:
     """Ordered multimap of header names to values, pseudo-headers (``:path``...) included.
@@ -12,13 +15,17 @@ class HeaderMap:
     case-insensitive. The plugin mutates it in place through the host, and the data path
     reads it back after each callback. ``edits`` counts the mutations, so the data path can
     skip copying back a map no plugin changed (the common case for request headers).
+    ``log`` lists them in order, ``(SET|ADD|REMOVE, name, value)``, so the data path can
+    replay a few edits on its own headers instead of rebuilding them (decision 1500);
+    None once a change cannot be replayed (``replace_all``).
     """
 
-    __slots__ = ("_items", "edits")
+    __slots__ = ("_items", "edits", "log")
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
         self.edits = 0
+        self.log: list[tuple[int, str, str | None]] | None = []
 
     @classmethod
     def lowered(cls, items: list[tuple[str, str]]) -> HeaderMap:
@@ -27,6 +34,7 @@ class HeaderMap:
         hmap = cls.__new__(cls)
         hmap._items = items
         hmap.edits = 0
+        hmap.log = []
         return hmap
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
@@ -61,14 +69,20 @@ class HeaderMap:
         values = self.get_all(name)
         return ",".join(values) if values else None
 
-    def add(self, name: str, value: str) -> None:
+    def _logged(self, op: int, name: str, value: str | None) -> None:
         self.edits += 1
-        self._items.append((name.lower(), value))
+        if self.log is not None:
+            self.log.append((op, name, value))
+
+    def add(self, name: str, value: str) -> None:
+        name = name.lower()
+        self._logged(ADD, name, value)
+        self._items.append((name, value))
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (appended if absent)."""
-        self.edits += 1
         name = name.lower()
+        self._logged(SET, name, value)
         items = self._items
         for i, (k, _) in enumerate(items):
             if k == name:
@@ -84,12 +98,13 @@ class HeaderMap:
         items.append((name, value))
 
     def remove(self, name: str) -> None:
-        self.edits += 1
         name = name.lower()
+        self._logged(REMOVE, name, None)
         self._items = [kv for kv in self._items if kv[0] != name]
 
     def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
         self.edits += 1
+        self.log = None
         self._items = [(k.lower(), v) for k, v in items]
 
     def __contains__(self, name: object) -> bool:

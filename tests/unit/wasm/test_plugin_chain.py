@@ -13,7 +13,8 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
-from meshgate.gateway.filters import PluginChain, PluginReplied
+from meshgate.gateway.filters import PluginChain, PluginReplied, _write_back
+from meshgate.gateway.wasm import HeaderMap
 
 from .wat import log_info, plugin
 
@@ -64,7 +65,8 @@ async def test_response_edits_are_copied_back_and_the_body_kept(load: Any,
     await chain.request_headers("GET", "/a", CIMultiDict(request.headers), request)
     headers = CIMultiDict([("Content-Type", "text/plain"), ("Server", "up")])
     await chain.response_headers(200, headers)
-    assert list(headers.items()) == [("content-type", "text/plain"), ("server", "up"),
+    # The plugin's edit replayed: the upstream's names keep their case, as without edits.
+    assert list(headers.items()) == [("Content-Type", "text/plain"), ("Server", "up"),
                                      ("x-seen", "yes")]
     assert chain.status == 200
     assert await chain.whole_response_body(b"hello") == b"hello"
@@ -72,3 +74,26 @@ async def test_response_edits_are_copied_back_and_the_body_kept(load: Any,
     chain.finish()  # once only
     assert [r.getMessage() for r in caplog.records
             if r.name == "meshgate.plugin.marker"] == ["closed"]
+
+
+EDITS = [("set", "X-A", "1"), ("add", "x-b", "2"), ("set", "x-b", "3"), ("remove", "X-C", None),
+         ("add", "x-a", "4"), ("set", "x-a", "5"), ("set", ":path", "/b"), ("add", "New", "6"),
+         ("remove", "x-missing", None), ("set", "x-c", "7")]
+
+
+@pytest.mark.parametrize("count", range(len(EDITS) + 1))
+def test_replayed_edits_give_what_a_rebuild_gives(count: int) -> None:
+    """`_write_back` replays a map's log on the data path's headers; the result must be
+    the map itself, as the rebuild (still used after `replace_all`) makes it."""
+    start = [("X-A", "0"), ("x-b", "0"), ("X-C", "0"), ("x-b", "1"), ("x-c", "2")]
+    hmap = HeaderMap([(":path", "/a"), *start])
+    for op, name, value in EDITS[:count]:
+        getattr(hmap, op)(name, *([value] if value is not None else []))
+    replayed, rebuilt = CIMultiDict(start), CIMultiDict(start)
+    _write_back(hmap, replayed)
+    hmap.replace_all(hmap.items())  # not replayable: the next write-back rebuilds
+    _write_back(hmap, rebuilt)
+    assert hmap.log is None
+    expected = [(k, v) for k, v in hmap.items() if not k.startswith(":")]
+    assert [(k.lower(), v) for k, v in replayed.items()] == expected
+    assert list(rebuilt.items()) == expected
