@@ -86,6 +86,7 @@ typedef struct {
     void **trap;           /* the caller's trap slot, owned by `keep` */
     PyObject *keep;        /* keeps func struct and trap slot alive */
     PyObject *on_failure;  /* on_failure(error_address) raises the trap or error */
+    int hold_gil;          /* the epoch clock needs no GIL: keep it across the call */
     Py_ssize_t nparams;
     Py_ssize_t nresults;
     Py_ssize_t nvals;
@@ -112,11 +113,16 @@ WasmCall_vectorcall(PyObject *self_obj, PyObject *const *args, size_t nargsf, Py
         if (store_arg(&self->vals[i], self->params[i], args[i]) < 0)
             return NULL;
     void *error;
-    /* The GIL is released as ctypes does: the epoch thread must be able to run to
-     * interrupt a callback that never returns. */
-    Py_BEGIN_ALLOW_THREADS
-    error = self->call(self->ctx, self->func, self->vals, (size_t)self->nvals, self->trap);
-    Py_END_ALLOW_THREADS
+    if (self->hold_gil) {
+        error = self->call(self->ctx, self->func, self->vals, (size_t)self->nvals, self->trap);
+    } else {
+        /* Released as ctypes does: an epoch clock that is a Python thread must be able
+         * to run to interrupt a callback that never returns. */
+        Py_BEGIN_ALLOW_THREADS
+        error = self->call(self->ctx, self->func, self->vals, (size_t)self->nvals,
+                           self->trap);
+        Py_END_ALLOW_THREADS
+    }
     if (error != NULL || *self->trap != NULL) {
         PyObject *addr = PyLong_FromVoidPtr(error);
         if (addr == NULL)
@@ -137,14 +143,15 @@ static PyObject *
 WasmCall_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *names[] = {"call", "ctx", "func", "trap", "params", "results", "keep",
-                            "on_failure", NULL};
+                            "on_failure", "hold_gil", NULL};
     unsigned long long call, ctx, func, trap;
     const char *params, *results;
     Py_ssize_t plen, rlen;
     PyObject *keep, *on_failure;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKKs#s#OO", names, &call, &ctx, &func,
+    int hold_gil = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKKKs#s#OO|p", names, &call, &ctx, &func,
                                      &trap, &params, &plen, &results, &rlen, &keep,
-                                     &on_failure))
+                                     &on_failure, &hold_gil))
         return NULL;
     if (rlen > 1) {
         PyErr_SetString(PyExc_ValueError, "at most one result");
@@ -163,6 +170,7 @@ WasmCall_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->ctx = (void *)(uintptr_t)ctx;
     self->func = (const void *)(uintptr_t)func;
     self->trap = (void **)(uintptr_t)trap;
+    self->hold_gil = hold_gil;
     self->nparams = plen;
     self->nresults = rlen;
     self->nvals = plen > rlen ? plen : (rlen ? rlen : 1);
@@ -201,7 +209,8 @@ WasmCall_dealloc(WasmCall *self)
 static PyTypeObject WasmCallType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "meshgate.gateway.wasm._crossing.WasmCall",
-    .tp_doc = "WasmCall(call, ctx, func, trap, params, results, keep, on_failure)\n"
+    .tp_doc = "WasmCall(call, ctx, func, trap, params, results, keep, on_failure, "
+              "hold_gil=False)\n"
               "An exported wasm function; calling it crosses into the guest.",
     .tp_basicsize = sizeof(WasmCall),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
@@ -228,6 +237,7 @@ typedef struct {
 } HostFunction;
 
 #include "_attrs.h"
+#include "_epoch.h"
 #include "_fastpaths.h"
 #include "_driver.h"
 
@@ -429,7 +439,8 @@ static struct PyModuleDef crossing_module = {
 PyMODINIT_FUNC
 PyInit__crossing(void)
 {
-    if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0)
+    if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0 ||
+        PyType_Ready(&EpochClockType) < 0)
         return NULL;
     if (init_fast_paths() < 0 || init_driver() < 0)
         return NULL;
@@ -438,6 +449,7 @@ PyInit__crossing(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "WasmCall", (PyObject *)&WasmCallType) < 0 ||
         PyModule_AddObjectRef(m, "HostFunction", (PyObject *)&HostFunctionType) < 0 ||
+        PyModule_AddObjectRef(m, "EpochClock", (PyObject *)&EpochClockType) < 0 ||
         PyModule_AddObject(m, "TRAMPOLINE", PyLong_FromVoidPtr((void *)host_trampoline)) < 0 ||
         add_fast_path_names(m) < 0) {
         Py_DECREF(m);

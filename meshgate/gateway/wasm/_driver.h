@@ -143,7 +143,18 @@ arm_deadline(PyObject *vm)
     if (clock == NULL)
         return -1;
     int stale = 1;
-    if (clock != Py_None) {
+    if (Py_IS_TYPE(clock, &EpochClockType)) {
+        PyObject *armed = GETATTR(vm, d_armed_at);
+        if (armed == NULL) {
+            Py_DECREF(clock);
+            return -1;
+        }
+        long long at = PyLong_CheckExact(armed) ? PyLong_AsLongLong(armed) : -1;
+        Py_DECREF(armed);
+        if (at == -1 && PyErr_Occurred())
+            PyErr_Clear(); /* out of range: stale, as never armed */
+        stale = at < 0 || (unsigned long long)at != clock_ticks(clock);
+    } else if (clock != Py_None) {
         PyObject *ticks = GETATTR(clock, d_ticks);
         PyObject *armed = ticks ? GETATTR(vm, d_armed_at) : NULL;
         stale = armed ? PyObject_RichCompareBool(ticks, armed, Py_NE) : -1;

@@ -121,7 +121,10 @@ class RawFunc:
 
     __slots__ = ("name", "_store", "_func", "_vals", "_params", "_results", "_trap", "call")
 
-    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, name: str) -> None:
+    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, name: str,
+                 hold_gil: bool = False) -> None:
+        """``hold_gil``: the compiled call keeps the GIL while the guest runs (the VM's
+        epoch clock is a C thread, ``compiled_epoch_clock``)."""
         ty = func.type(store)
         self.name = name
         self._params = "".join("I" if str(p) == "i64" else "i" for p in ty.params)
@@ -147,7 +150,7 @@ class RawFunc:
             self.call = _compiled.WasmCall(
                 _CALL_UNCHECKED_ADDRESS, args[0].value, args[1].value, args[4].value,
                 self._params, self._results, (self._func, self._vals, self._trap),
-                self._raise_failure)
+                self._raise_failure, hold_gil)
         else:
             self.call = _caller_factory(self._params, self._results)(
                 _CALL_UNCHECKED, *args, self._vals, self._trap, self._take_trap)
@@ -174,6 +177,17 @@ class RawFunc:
         trap = ctypes.cast(self._trap, ctypes.POINTER(ffi.wasm_trap_t))
         ctypes.memset(ctypes.addressof(self._trap), 0, ctypes.sizeof(self._trap))
         return _trap_from_ptr(trap)
+
+
+def compiled_epoch_clock(engine: wasmtime.Engine, interval_s: float) -> Any:
+    """A C thread bumping ``engine``'s epoch every ``interval_s`` (``_epoch.h``), with the
+    ``start``/``stop``/``ticks`` of ``services.EpochTicker``; None without the compiled
+    crossings."""
+    if _compiled is None:
+        return None
+    increment = ctypes.cast(ffi._wasmtime_engine_increment_epoch, ctypes.c_void_p).value
+    pointer = ctypes.cast(engine.ptr(), ctypes.c_void_p).value
+    return _compiled.EpochClock(increment, pointer, engine, interval_s)
 
 
 @functools.cache

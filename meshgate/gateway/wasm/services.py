@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import wasmtime
 from prometheus_client import CollectorRegistry
 
+from ._rawcall import compiled_epoch_clock
 from .abi import Status
 from .metrics import MetricStore
 from .shared import SharedDataStore, SharedQueues
@@ -97,7 +98,8 @@ def envoy_foreign_functions() -> dict[str, ForeignFunction]:
 
 
 class EpochTicker:
-    """A daemon thread that bumps the engine's epoch every ``interval_s``.
+    """A daemon thread that bumps the engine's epoch every ``interval_s``: the clock of the
+    ctypes crossings. With the compiled ones, a C thread does it (``epoch_clock``).
 
     The per-callback CPU deadline is a number of these ticks; wasm running past it traps
     with an "interrupt". The thread only touches the engine's atomic epoch counter and
@@ -107,6 +109,8 @@ class EpochTicker:
     """
 
     __slots__ = ("engine", "interval_s", "ticks", "_stop", "_thread")
+    #: Calls into wasm must release the GIL for this thread to interrupt them.
+    needs_gil = True
 
     def __init__(self, engine: wasmtime.Engine, interval_s: float) -> None:
         self.engine = engine
@@ -130,6 +134,13 @@ class EpochTicker:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+
+def epoch_clock(engine: wasmtime.Engine, interval_s: float) -> Any:
+    """The engine's epoch clock: a C thread where the compiled crossings are in use (it
+    needs no GIL, so calls into wasm keep it: decision 1500), else an ``EpochTicker``."""
+    clock = compiled_epoch_clock(engine, interval_s)
+    return clock if clock is not None else EpochTicker(engine, interval_s)
 
 
 def make_engine() -> wasmtime.Engine:
@@ -247,7 +258,7 @@ class HostServices:
     def __post_init__(self) -> None:
         self.metrics = MetricStore(self.metrics_registry)
         self.module_cache = ModuleCache(self.module_cache_dir)
-        self._ticker = EpochTicker(self.engine, self.epoch_interval_s)
+        self._ticker = epoch_clock(self.engine, self.epoch_interval_s)
 
     @property
     def deadline_ticks(self) -> int:
@@ -255,8 +266,9 @@ class HostServices:
         return max(1, round(self.callback_deadline_s / self.epoch_interval_s)) + 1
 
     @property
-    def epoch_clock(self) -> EpochTicker:
-        """The thread that bumps the engine's epoch; VMs read its ``ticks``."""
+    def epoch_clock(self) -> Any:
+        """The thread that bumps the engine's epoch (``epoch_clock``); VMs read its
+        ``ticks``."""
         return self._ticker
 
     def start(self) -> None:

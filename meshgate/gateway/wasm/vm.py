@@ -45,13 +45,13 @@ class PluginVM:
 
     The CPU deadline is armed only at the outermost entry: a host function that calls back
     into the guest (the allocator) stays within the callback's budget. With an
-    ``epoch_clock`` (the ``EpochTicker``), it is armed only when the clock has ticked since
+    ``epoch_clock`` (``services.epoch_clock``), it is armed only when the clock has ticked since
     it was last armed: arming again at the same epoch sets the same deadline, and the C
     call would cost more than the rest of a small callback's Python path.
     """
 
-    __slots__ = ("store", "deadline_ticks", "depth", "_ctx", "_clock", "_armed_at",
-                 "_instance", "_export_names", "mem", "funcs", "_alloc", "broken")
+    __slots__ = ("store", "deadline_ticks", "depth", "_ctx", "_clock", "_holds_gil",
+                 "_armed_at", "_instance", "_export_names", "mem", "funcs", "_alloc", "broken")
 
     def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module,
                  linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int,
@@ -67,6 +67,8 @@ class PluginVM:
         self.depth = 0
         self._ctx = self.store._context()
         self._clock = epoch_clock
+        # Compiled calls keep the GIL unless a Python thread must interrupt them.
+        self._holds_gil = not getattr(epoch_clock, "needs_gil", False)
         self._armed_at = -1  # the clock's ticks when the deadline was last armed
         _set_deadline(self._ctx, deadline_ticks)
         try:
@@ -91,7 +93,8 @@ class PluginVM:
         except KeyError:
             f = (instance_export(self.store, self._instance, name)
                  if name in self._export_names else None)
-            raw = RawFunc(self.store, f, name) if isinstance(f, wasmtime.Func) else None
+            raw = (RawFunc(self.store, f, name, self._holds_gil)
+                   if isinstance(f, wasmtime.Func) else None)
             self.funcs[name] = raw
             return raw
 

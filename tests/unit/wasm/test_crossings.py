@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -19,6 +20,7 @@ from meshgate.gateway.wasm._rawcall import (
     HostFunctionTable,
     RawFunc,
     WasmTrap,
+    compiled_epoch_clock,
 )
 
 WAT = """
@@ -162,3 +164,28 @@ def test_an_epoch_deadline_interrupts_a_spinning_guest() -> None:
     with pytest.raises(WasmTrap):
         RawFunc(store, spin, "spin")()
     timer.join()
+
+
+@pytest.mark.skipif(CROSSING != "compiled", reason="the C epoch clock comes with the compiled "
+                    "crossings; the ctypes ones use services.EpochTicker")
+def test_the_c_epoch_clock_interrupts_a_guest_that_keeps_the_gil() -> None:
+    config = wasmtime.Config()
+    config.epoch_interruption = True
+    engine = wasmtime.Engine(config)
+    clock = compiled_epoch_clock(engine, 0.005)
+    store = wasmtime.Store(engine)
+    store.set_epoch_deadline(3)
+    spin = wasmtime.Instance(store, wasmtime.Module(engine, SPIN), []).exports(store)["spin"]
+    clock.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(WasmTrap, match="interrupt"):
+            RawFunc(store, spin, "spin", hold_gil=True)()
+        assert 0.01 <= time.monotonic() - started < 2.0  # three ticks of 5 ms, then the trap
+        assert clock.ticks >= 3 and clock.running
+    finally:
+        clock.stop()
+    stopped_at = clock.ticks
+    time.sleep(0.03)
+    assert clock.ticks == stopped_at and not clock.running
+    clock.stop()  # idempotent
