@@ -8,7 +8,8 @@ setup(
             "meshgate.gateway.wasm._crossing",
             sources=["meshgate/gateway/wasm/_crossing.c"],
             depends=["meshgate/gateway/wasm/_fastpaths.h", "meshgate/gateway/wasm/_driver.h",
-                     "meshgate/gateway/wasm/_attrs.h", "meshgate/gateway/wasm/_epoch.h"],
+                     "meshgate/gateway/wasm/_attrs.h", "meshgate/gateway/wasm/_epoch.h",
+                     "meshgate/gateway/wasm/_headers.h"],
             extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
         )
     ]

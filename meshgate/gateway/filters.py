@@ -118,9 +118,9 @@ class PluginChain:
         """Run the plugins over the request headers, in filter order; edits land in
         `headers` and `self.path`. Raises PluginReplied / StreamReset."""
         wasm = _WASM or _wasm()
-        hmap = wasm.HeaderMap.lowered([
+        hmap = wasm.HeaderMap.with_pseudo([
             (":method", method), (":path", path), (":authority", request.host),
-            (":scheme", request.scheme), *[(k.lower(), v) for k, v in headers.items()]])
+            (":scheme", request.scheme)], headers)
         rest = self._phase(self.streams, wasm.REQUEST_HEADERS, hmap, not request.body_exists)
         if rest is not None:
             await rest
@@ -131,8 +131,7 @@ class PluginChain:
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         self.responded = True
         wasm = _WASM or _wasm()
-        hmap = wasm.HeaderMap.lowered(
-            [(":status", str(status)), *[(k.lower(), v) for k, v in headers.items()]])
+        hmap = wasm.HeaderMap.with_pseudo([(":status", str(status))], headers)
         rest = self._phase(self.reversed_streams, wasm.RESPONSE_HEADERS, hmap, False, status)
         if rest is not None:
             await rest

@@ -238,6 +238,7 @@ typedef struct {
 
 #include "_attrs.h"
 #include "_epoch.h"
+#include "_headers.h"
 #include "_fastpaths.h"
 #include "_driver.h"
 
@@ -423,6 +424,8 @@ static PyMethodDef crossing_methods[] = {
      "stream.drive_phase_py, compiled."},
     {"finish_streams", (PyCFunction)finish_streams, METH_O,
      "finish_streams(streams): stream.finish_streams_py, compiled."},
+    {"lowered_pairs", (PyCFunction)(void (*)(void))lowered_pairs, METH_FASTCALL,
+     "lowered_pairs(head, headers): headers.lowered_pairs_py, compiled."},
     {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
      "invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled."},
     {NULL, NULL, 0, NULL},
@@ -442,7 +445,7 @@ PyInit__crossing(void)
     if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0 ||
         PyType_Ready(&EpochClockType) < 0)
         return NULL;
-    if (init_fast_paths() < 0 || init_driver() < 0)
+    if (init_fast_paths() < 0 || init_driver() < 0 || init_headers() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&crossing_module);
     if (m == NULL)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ._rawcall import _compiled
 
 #: The operations of ``HeaderMap.log`` (the compiled fast paths log the same numbers).
 SET, ADD, REMOVE = 0, 1, 2
@@ -36,6 +39,12 @@ class HeaderMap:
         hmap.edits = 0
         hmap.log = []
         return hmap
+
+    @classmethod
+    def with_pseudo(cls, pseudo: list[tuple[str, str]], headers: Any) -> HeaderMap:
+        """A map of ``pseudo`` (names lower-case already), then ``headers``' pairs (any
+        mapping with ``items()``, e.g. the data path's ``CIMultiDict``), names lower-cased."""
+        return cls.lowered(lowered_pairs(pseudo, headers))
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(list(self._items))
@@ -109,3 +118,12 @@ class HeaderMap:
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
+
+
+def lowered_pairs_py(head: list[tuple[str, str]], headers: Any) -> list[tuple[str, str]]:
+    """``head``, then ``headers.items()`` with the names lower-cased: a new list."""
+    return [*head, *[(k.lower(), v) for k, v in headers.items()]]
+
+
+#: ``lowered_pairs_py``, compiled where the compiled crossings are in use (``_headers.h``).
+lowered_pairs = _compiled.lowered_pairs if _compiled is not None else lowered_pairs_py

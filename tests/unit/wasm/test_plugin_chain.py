@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from meshgate.gateway.filters import PluginChain, PluginReplied, _write_back
 from meshgate.gateway.wasm import HeaderMap
+from meshgate.gateway.wasm.headers import lowered_pairs, lowered_pairs_py
 
 from .wat import log_info, plugin
 
@@ -97,3 +98,20 @@ def test_replayed_edits_give_what_a_rebuild_gives(count: int) -> None:
     expected = [(k, v) for k, v in hmap.items() if not k.startswith(":")]
     assert [(k.lower(), v) for k, v in replayed.items()] == expected
     assert list(rebuilt.items()) == expected
+
+
+def test_maps_are_built_alike_by_both_implementations() -> None:
+    """The compiled `lowered_pairs` (when built) gives what the Python one gives: names
+    lower-cased by str.lower's rules, also for istr and non-ASCII names; values kept."""
+    headers = CIMultiDict([("Host", "a"), ("x-low", "b"), (istr("X-Istr"), "c"),
+                           ("É-Accent", "d"), ("x-low", "E")])
+    head = [(":method", "GET")]
+    expected = [(":method", "GET"), ("host", "a"), ("x-low", "b"), ("x-istr", "c"),
+                ("é-accent", "d"), ("x-low", "E")]
+    for build in {lowered_pairs, lowered_pairs_py}:
+        pairs = build(head, headers)
+        assert pairs == expected and pairs is not head
+        assert all(type(name) is str for name, _ in pairs)
+    assert head == [(":method", "GET")]  # the caller's list is left alone
+    with pytest.raises((TypeError, AttributeError)):  # a name that is no str
+        lowered_pairs(head, {1: "x"})
