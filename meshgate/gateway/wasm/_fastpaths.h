@@ -533,24 +533,22 @@ fast_current_time(Guest *g, raw_val *vals)
     return HANDLED;
 }
 
-/* getattr(getattr(obj, a), b) as a new reference, or NULL with the error cleared. */
-static PyObject *
-attr2(PyObject *obj, PyObject *a, PyObject *b)
-{
-    PyObject *mid = PyObject_GetAttr(obj, a);
-    PyObject *r = mid ? PyObject_GetAttr(mid, b) : NULL;
-    Py_XDECREF(mid);
-    if (r == NULL)
-        PyErr_Clear();
-    return r;
-}
+/* getattr(getattr(obj, a), b) as a new reference, or NULL with the error cleared; each
+ * use has its own attribute caches. */
+#define ATTR2(obj, a, b) ({                                        \
+    PyObject *mid_ = GETATTR((obj), (a));                          \
+    PyObject *r_ = mid_ ? GETATTR(mid_, (b)) : NULL;               \
+    Py_XDECREF(mid_);                                              \
+    if (r_ == NULL)                                                \
+        PyErr_Clear();                                             \
+    r_; })
 
 /* proxy_increment_metric(metric_id, delta): MetricStore.increment */
 static int
 fast_increment_metric(Guest *g, raw_val *vals)
 {
-    PyObject *store = attr2(g->host, s_services, s_metrics);
-    PyObject *table = store ? PyObject_GetAttr(store, s_metrics_table) : NULL;
+    PyObject *store = ATTR2(g->host, s_services, s_metrics);
+    PyObject *table = store ? GETATTR(store, s_metrics_table) : NULL;
     Py_XDECREF(store);
     if (table == NULL || !PyDict_CheckExact(table)) {
         Py_XDECREF(table);
@@ -569,7 +567,7 @@ fast_increment_metric(Guest *g, raw_val *vals)
         return HANDLED;
     }
     int result = FALLBACK;
-    PyObject *type = PyObject_GetAttr(metric, s_type), *value = NULL, *sum = NULL,
+    PyObject *type = GETATTR(metric, s_type), *value = NULL, *sum = NULL,
              *delta = NULL;
     long kind = type ? PyLong_AsLong(type) : -1;
     if (kind == -1 && PyErr_Occurred())
@@ -584,10 +582,10 @@ fast_increment_metric(Guest *g, raw_val *vals)
         result = HANDLED;
         goto done;
     }
-    value = PyObject_GetAttr(metric, s_value);
+    value = GETATTR(metric, s_value);
     delta = PyLong_FromLongLong(vals[1].i64);
     sum = value && delta ? PyNumber_Add(value, delta) : NULL;
-    if (sum == NULL || PyObject_SetAttr(metric, s_value, sum) < 0) {
+    if (sum == NULL || SETATTR(metric, s_value, sum) < 0) {
         result = RAISED;
         goto done;
     }
@@ -612,9 +610,9 @@ shared_entry(Guest *g, uint32_t key_ptr, uint32_t key_size, PyObject **store, Py
     *store = *data = *key = NULL;
     if (!in_bounds(g, key_ptr, key_size))
         return FALLBACK;
-    PyObject *vm_id = attr2(g->host, s_identity, s_vm_id);
-    *store = attr2(g->host, s_services, s_shared_data);
-    *data = *store ? PyObject_GetAttr(*store, s_data) : NULL;
+    PyObject *vm_id = ATTR2(g->host, s_identity, s_vm_id);
+    *store = ATTR2(g->host, s_services, s_shared_data);
+    *data = *store ? GETATTR(*store, s_data) : NULL;
     PyObject *name = PyBytes_FromStringAndSize((const char *)g->base + key_ptr, key_size);
     if (vm_id && name)
         *key = PyTuple_Pack(2, vm_id, name);
@@ -720,7 +718,7 @@ fast_set_shared_data(Guest *g, raw_val *vals)
             goto done;
         }
     }
-    next = PyObject_GetAttr(store, s_next_cas);
+    next = GETATTR(store, s_next_cas);
     uint64_t n = next ? PyLong_AsUnsignedLongLong(next) : (uint64_t)-1;
     if (n == (uint64_t)-1 && PyErr_Occurred())
         goto done;
@@ -729,7 +727,7 @@ fast_set_shared_data(Guest *g, raw_val *vals)
     value = PyBytes_FromStringAndSize((const char *)g->base + value_ptr, value_size);
     entry = value && next ? PyTuple_Pack(2, value, next) : NULL;
     if (following == NULL || entry == NULL || PyDict_SetItem(data, key, entry) < 0 ||
-        PyObject_SetAttr(store, s_next_cas, following) < 0)
+        SETATTR(store, s_next_cas, following) < 0)
         goto done;
     set_status(vals, ST_OK);
     result = HANDLED;

@@ -22,7 +22,7 @@ _INVALID = re.compile(r"[^a-zA-Z0-9_:]")
 _ID_STEP = 4
 
 
-@dataclass
+@dataclass(slots=True)
 class _Metric:
     type: MetricType
     value: int
@@ -54,6 +54,8 @@ def prometheus_name(name: str) -> str:
 
 class MetricStore:
     """Metrics of all plugins of one process; ids are shared by name, as Envoy's stats are."""
+
+    __slots__ = ("registry", "_by_name", "_metrics", "_next")
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry

@@ -17,7 +17,7 @@ from .abi import Status, serialize_pairs
 from .context import Context, StreamContext
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PluginIdentity:
     name: str
     root_id: str

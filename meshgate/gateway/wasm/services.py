@@ -228,9 +228,12 @@ class ModuleCache:
         return module
 
 
-@dataclass
+@dataclass(slots=True)
 class HostServices:
     """Everything the plugins of one process share. Create one per sidecar; ``close()`` it.
+
+    Slotted, as the stores below: the compiled host functions read them on every call,
+    through an attribute cache that only slots can use (``_attrs.h``).
 
     ``http_dispatcher`` is supplied by the data path; without one every ``proxy_http_call``
     answers BAD_ARGUMENT (no cluster is known), as Envoy does for an unknown cluster.
@@ -254,6 +257,9 @@ class HostServices:
     engine: wasmtime.Engine = field(default_factory=make_engine)
     #: The proxy-wasm import table, linked once per engine by the plugin host.
     host_imports: Any = field(default=None, init=False, repr=False)
+    metrics: MetricStore = field(init=False, repr=False)
+    module_cache: ModuleCache = field(init=False, repr=False)
+    _ticker: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.metrics = MetricStore(self.metrics_registry)

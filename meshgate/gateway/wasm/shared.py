@@ -20,6 +20,8 @@ class SharedDataStore:
     counter wraps, as in proxy-wasm-cpp-host: 0 in a set means "unconditional".
     """
 
+    __slots__ = ("_data", "_next_cas")
+
     def __init__(self) -> None:
         self._data: dict[tuple[str, bytes], tuple[bytes, int]] = {}
         self._next_cas = 1
