@@ -230,15 +230,10 @@ class PluginChain:
 
 def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None) -> Any:
     traceparent, tracestate = w3c if w3c is not None else (None, None)
-    transport = request.transport
-    peer = transport.get_extra_info("peername") if transport else None
-    sock = transport.get_extra_info("sockname") if transport else None
-    # Positional, in StreamInfo's field order: keywords cost as much again (it runs once
-    # per plugged request).
-    return _wasm().StreamInfo(f"{peer[0]}:{peer[1]}" if peer else "",
-                              f"{sock[0]}:{sock[1]}" if sock else "",
-                              request.headers.get("x-request-id", ""),
-                              traceparent, tracestate or None, span)
+    # Positional, in StreamInfo's field order: keywords cost more (it runs once per
+    # plugged request). The addresses come from the transport if a plugin asks.
+    return _wasm().StreamInfo("", "", request.headers.get("x-request-id", ""), traceparent,
+                              tracestate or None, span, request.transport)
 
 
 async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:

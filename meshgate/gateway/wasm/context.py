@@ -49,11 +49,14 @@ class Buffer:
         return Status.BAD_ARGUMENT
 
 
-@dataclass
+@dataclass(slots=True)  # built once per plugged request: slots spare it a dict
 class StreamInfo:
     """What the data path knows about a request before the plugin sees its headers.
 
-    Addresses are ``ip:port`` strings as in Envoy's properties. ``traceparent`` /
+    Addresses are ``ip:port`` strings as in Envoy's properties; left empty, they come from
+    ``connection`` (an asyncio transport's ``peername``/``sockname``) when a plugin first
+    asks (``address``): few plugins do, and the data path builds one of these for every
+    plugged request. ``traceparent`` /
     ``tracestate`` carry the W3C context of the stream's span (the parent of spans a plugin
     records through ``wasi:tracing``); ``span`` is an opaque object (an OpenTelemetry span)
     handed to foreign functions.
@@ -65,6 +68,7 @@ class StreamInfo:
     traceparent: str | None = None
     tracestate: str | None = None
     span: Any = None
+    connection: Any = None
     route_name: str = ""
     cluster_name: str = ""
     virtual_host_name: str = ""
@@ -74,6 +78,20 @@ class StreamInfo:
     requested_server_name: str = ""
     upstream_address: str = ""
     start_time_ns: int = field(default_factory=time.time_ns)
+
+    def address(self, side: str) -> str:
+        """``source_address`` (``side`` "source") or ``destination_address``."""
+        source = side == "source"
+        known = self.source_address if source else self.destination_address
+        if known or self.connection is None:
+            return known
+        name = self.connection.get_extra_info("peername" if source else "sockname")
+        found = f"{name[0]}:{name[1]}" if name else ""
+        if source:
+            self.source_address = found
+        else:
+            self.destination_address = found
+        return found
 
 
 @dataclass

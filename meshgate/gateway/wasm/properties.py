@@ -78,7 +78,7 @@ def _stream_property(ctx: StreamContext, ident: PluginIdentity,
             return serialize_pairs([(k.encode(), v.encode()) for k, v in ctx.request_headers])
         return _request(ctx, rest[0]) if len(rest) == 1 else None
     if top in ("source", "destination") and len(rest) == 1:
-        address = info.source_address if top == "source" else info.destination_address
+        address = info.address(top)
         if rest[0] == "address":
             return address.encode() if address else None
         if rest[0] == "port":

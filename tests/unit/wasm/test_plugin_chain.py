@@ -13,9 +13,12 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, istr
 
-from meshgate.gateway.filters import PluginChain, PluginReplied, _write_back
+from meshgate.gateway.filters import PluginChain, PluginReplied, _stream_info, _write_back
 from meshgate.gateway.wasm import HeaderMap
+from meshgate.gateway.wasm.abi import Status
+from meshgate.gateway.wasm.context import RootContext, StreamContext
 from meshgate.gateway.wasm.headers import lowered_pairs, lowered_pairs_py
+from meshgate.gateway.wasm.properties import PluginIdentity, get_property
 
 from .wat import log_info, plugin
 
@@ -115,3 +118,36 @@ def test_maps_are_built_alike_by_both_implementations() -> None:
     assert head == [(":method", "GET")]  # the caller's list is left alone
     with pytest.raises((TypeError, AttributeError)):  # a name that is no str
         lowered_pairs(head, {1: "x"})
+
+
+class Connection:
+    """A transport whose address lookups are counted."""
+
+    def __init__(self, peer: tuple[str, int] | None) -> None:
+        self.peer, self.asked = peer, 0
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        self.asked += 1
+        return {"peername": self.peer, "sockname": ("127.0.0.1", 8080)}.get(name, default)
+
+
+@pytest.mark.parametrize("peer, source", [(("10.1.2.3", 4567), b"10.1.2.3:4567"),
+                                          (None, None)])
+def test_addresses_are_read_from_the_connection_when_a_plugin_asks(
+        peer: tuple[str, int] | None, source: bytes | None) -> None:
+    connection = Connection(peer)
+    request = make_mocked_request("GET", "/a", headers={"x-request-id": "r1"},
+                                  transport=connection)
+    connection.asked = 0  # the mocked request's own lookups
+    info = _stream_info(request, None, None)
+    assert connection.asked == 0  # nothing read for a plugin that never asks
+    ctx = StreamContext(2, info, RootContext(b"", b""))
+    ident = PluginIdentity("p", "", "", "", "")
+    status, value = get_property(ctx, ident, b"source\0address")
+    assert (status == Status.OK and value == source) or (source is None and
+                                                         status == Status.NOT_FOUND)
+    assert get_property(ctx, ident, b"destination\0port") == (Status.OK,
+                                                              (8080).to_bytes(8, "little"))
+    get_property(ctx, ident, b"source\0port")
+    assert connection.asked == 2 + (peer is None)  # found addresses are kept
+    assert get_property(ctx, ident, b"request\0id") == (Status.OK, b"r1")
