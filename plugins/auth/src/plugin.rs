@@ -56,6 +56,8 @@ struct Metrics {
 
 struct Shared {
     config: Config,
+    /// The API keys this configuration recognised, by the key presented.
+    known_keys: apikey::KnownKeys,
     metrics: Metrics,
     /// One tracer for the VM's life: it remembers a host without `wasi:tracing`.
     tracer: Tracer<HostFunctions>,
@@ -192,7 +194,12 @@ impl RootContext for AuthRoot {
                 config.opa.as_ref().map_or("off".to_string(), |o| o.upstream.path.clone())
             ),
         );
-        self.shared = Some(Rc::new(Shared { config, metrics, tracer: Tracer::host() }));
+        self.shared = Some(Rc::new(Shared {
+            config,
+            known_keys: apikey::KnownKeys::default(),
+            metrics,
+            tracer: Tracer::host(),
+        }));
         true
     }
 
@@ -353,7 +360,7 @@ impl AuthStream {
             self.api_key_sent = Some(presented.is_some());
             if let Some(presented) = presented {
                 self.method = "api_key";
-                return match apikey::identify(&ak.keys, &presented) {
+                return match shared.known_keys.identify(&ak.keys, &presented) {
                     Some(id) => self.authorize(Identity::ApiKey(id.to_string())),
                     None => self.unauthenticated("API key not recognised", true),
                 };
