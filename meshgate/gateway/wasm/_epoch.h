@@ -44,9 +44,12 @@ epoch_thread(void *arg)
 {
     EpochClock *c = (EpochClock *)arg;
     struct timespec next;
-    clock_gettime(CLOCK_MONOTONIC, &next);
     pthread_mutex_lock(&c->lock);
     while (!c->stopping) {
+        /* From now, not from the last tick: after a stall (the process stopped, the
+         * machine overloaded) the clock does not catch up in a burst of ticks that would
+         * interrupt a callback that has hardly run. */
+        clock_gettime(CLOCK_MONOTONIC, &next);
         add_ns(&next, c->interval_ns);
         int rc = 0;
         while (!c->stopping && rc != ETIMEDOUT)

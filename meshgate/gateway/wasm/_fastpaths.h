@@ -38,9 +38,9 @@ enum { EDIT_SET = 0, EDIT_ADD = 1, EDIT_REMOVE = 2 };
 #define KEY_MAX 256
 
 static PyObject *s_t, *s_effective, *s_vm, *s_mem, *s_base, *s_size, *s_alloc, *s_call,
-    *s_items, *s_edits, *s_log, *s_check, *s_maps[4], *s_services, *s_metrics, *s_metrics_table,
-    *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity, *s_vm_id,
-    *s_call_foreign;
+    *s_items, *s_edits, *s_log, *s_check, *s_maps[4], *s_services, *s_metrics,
+    *s_metrics_table, *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity,
+    *s_vm_id, *s_call_foreign;
 static PyObject *guest_memory_error; /* set by configure(); NULL until then */
 
 static int
