@@ -9,5 +9,8 @@ run bench/xds_bench.py
 run bench/wasm_callpath.py
 run bench/wasm_host.py --plugins build/plugins
 run bench/plugin_chain.py --plugins build/plugins
-if command -v valgrind >/dev/null; then run bench/chain_instructions.py; fi
+if command -v valgrind >/dev/null; then
+  run bench/chain_instructions.py
+  run bench/sidecar_instructions.py
+fi
 run bench/sidecar_bench.py --seconds 5 --rounds 3
