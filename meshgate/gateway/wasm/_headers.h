@@ -3,7 +3,8 @@
  * Every plugged request builds two maps: its request headers and its response headers,
  * pseudo-headers first, names lower-cased. The comprehension that did it cost about
  * 2.4 µs a map, most of it in calling `str.lower` and making pairs; here a name already
- * in lower case keeps the pair the headers' iterator made.
+ * in lower case keeps the pair the headers' iterator made (the data path's `CIMultiDict`
+ * gives its names as `istr`, a str that compares and hashes as str).
  */
 
 static PyObject *h_items, *h_lower;
@@ -16,8 +17,8 @@ init_headers(void)
     return h_items == NULL || h_lower == NULL ? -1 : 0;
 }
 
-/* `name` in lower case: a new reference (`name` itself if it already is, as an exact
- * str), or NULL with an exception. */
+/* `name` in lower case: a new reference (`name` itself if it already is: an exact str or
+ * a subclass that compares as str, e.g. multidict's `istr`), or NULL with an exception. */
 static PyObject *
 lowered_name(PyObject *name)
 {
@@ -33,7 +34,8 @@ lowered_name(PyObject *name)
     Py_ssize_t i = 0;
     while (i < n && !(src[i] >= 'A' && src[i] <= 'Z'))
         i++;
-    if (i == n && PyUnicode_CheckExact(name))
+    if (i == n && Py_TYPE(name)->tp_richcompare == PyUnicode_Type.tp_richcompare &&
+        Py_TYPE(name)->tp_hash == PyUnicode_Type.tp_hash)
         return Py_NewRef(name);
     PyObject *out = PyUnicode_New(n, 127);
     if (out == NULL)
