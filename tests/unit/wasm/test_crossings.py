@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import wasmtime
@@ -22,6 +23,7 @@ from meshgate.gateway.wasm._rawcall import (
     WasmTrap,
     compiled_epoch_clock,
 )
+from meshgate.gateway.wasm.services import HostServices
 
 WAT = """
 (module
@@ -189,3 +191,20 @@ def test_the_c_epoch_clock_interrupts_a_guest_that_keeps_the_gil() -> None:
     time.sleep(0.03)
     assert clock.ticks == stopped_at and not clock.running
     clock.stop()  # idempotent
+
+
+def test_host_services_run_the_epoch_clock_that_fits_the_crossings(tmp_path: Path) -> None:
+    """The compiled crossings keep the GIL, so their clock must not need it; the ctypes
+    ones release it for a Python thread. Either way `close()` stops the clock."""
+    services = HostServices(module_cache_dir=tmp_path, epoch_interval_s=0.005)
+    clock = services.epoch_clock
+    assert getattr(clock, "needs_gil", False) == (CROSSING == "ctypes")
+    services.start()
+    deadline = time.monotonic() + 2.0
+    while clock.ticks < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert clock.ticks >= 3
+    services.close()
+    stopped_at = clock.ticks
+    time.sleep(0.03)
+    assert clock.ticks == stopped_at
