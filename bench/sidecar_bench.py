@@ -152,6 +152,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_mesh(stack: contextlib.ExitStack, tmp: Path) -> dict[str, int]:
+    """A free port for every part, `tmp`/meshgate.yaml, and the upstream and the control
+    server started (stopped with `stack`). The sidecars and Envoy are the caller's."""
+    import yaml
+
+    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "envoy_admin",
+             "cmp_bare", "cmp_plugged", "cmp_admin")  # fmt: skip
+    ports = {name: free_port() for name in names}
+    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports)))
+    stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
+    stack.enter_context(process(
+        [PY, "-m", "meshgate.cli", "serve", "--config", str(tmp / "meshgate.yaml"),
+         "--xds-port", str(ports["xds"]), "--http-port", str(ports["http"])],
+        tmp / "cs.log"))  # fmt: skip
+    return ports
+
+
 def run(
     seconds: int,
     connections: int,
@@ -169,40 +186,17 @@ def run(
     from meshgate.xds.bootstrap import envoy_bootstrap
 
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
-    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "envoy_admin",
-             "cmp_bare", "cmp_plugged", "cmp_admin")  # fmt: skip
-    ports = {name: free_port() for name in names}
-    import yaml
-
-    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports)))
-    bootstrap = envoy_bootstrap(
-        node_id="envoy-bench",
-        node_cluster="envoy",
-        xds_host="127.0.0.1",
-        xds_port=ports["xds"],
-        admin_port=ports["envoy_admin"],
-        delta=False,
-    )
-    (tmp / "envoy.json").write_text(json.dumps(bootstrap))
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
-        stack.enter_context(
-            process(
-                [
-                    PY,
-                    "-m",
-                    "meshgate.cli",
-                    "serve",
-                    "--config",
-                    str(tmp / "meshgate.yaml"),
-                    "--xds-port",
-                    str(ports["xds"]),
-                    "--http-port",
-                    str(ports["http"]),
-                ],
-                tmp / "cs.log",
-            )
+        ports = start_mesh(stack, tmp)
+        bootstrap = envoy_bootstrap(
+            node_id="envoy-bench",
+            node_cluster="envoy",
+            xds_host="127.0.0.1",
+            xds_port=ports["xds"],
+            admin_port=ports["envoy_admin"],
+            delta=False,
         )
+        (tmp / "envoy.json").write_text(json.dumps(bootstrap))
         def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str) -> int:
             return stack.enter_context(process(
                 [PY, *(["-m", "cProfile", "-o", str(prof)] if prof else []),

@@ -29,18 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from sidecar_bench import PY, UPSTREAM, free_port, mesh_config, process, wait_ok, wrk
+from sidecar_bench import PY, process, start_mesh, wait_ok, wrk
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("bare", "plugged")
 
 
 def dumped_instructions(folder: Path, trigger: str) -> int:
-    """The instruction total of the dump made with `trigger` as its reason."""
+    """The instruction total of the dump `callgrind_control -d TRIGGER` asked for."""
     for dump in folder.glob("callgrind.*"):
         text = dump.read_text(errors="replace")
-        if f"Trigger: Client Request: {trigger}" in text or f"dump {trigger}" in text:
+        if re.search(rf"^desc: Trigger: dump {trigger}$", text, re.MULTILINE):
             found = re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE)
             if found:
                 return int(found.group(1))
@@ -56,17 +55,9 @@ def main() -> None:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: apt-get install valgrind wrk")
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-instructions-"))
-    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "cmp_bare",
-             "cmp_plugged")  # fmt: skip
-    ports = {name: free_port() for name in names}
-    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports)))
     per_request: dict[str, list[float]] = {t: [] for t in TARGETS}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
-        stack.enter_context(process(
-            [PY, "-m", "meshgate.cli", "serve", "--config", str(tmp / "meshgate.yaml"),
-             "--xds-port", str(ports["xds"]), "--http-port", str(ports["http"])],
-            tmp / "cs.log"))  # fmt: skip
+        ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(
             ["valgrind", "--tool=callgrind", "--smc-check=all-non-file",
              f"--callgrind-out-file={tmp}/callgrind.%p", PY, "-m", "meshgate.gateway.app",

@@ -18,7 +18,7 @@
 
 static PyObject *d_skip, *d_replied, *d_finished, *d_created, *d_generation, *d_host,
     *d_ctx, *d_host_generation, *d_vm, *d_broken, *d_depth, *d_funcs, *d_call, *d_imports,
-    *d_env, *d_wasi, *d_t, *d_effective, *d_root, *d_clock, *d_ticks, *d_armed_at,
+    *d_env, *d_wasi, *d_t, *d_effective, *d_root, *d_clock, *d_armed_at,
     *d_arm_deadline, *d_id, *d_failed, *d_reset_requested, *d_local_reply, *d_continued,
     *d_settled, *d_py_call, *d_after_trap, *d_callback, *d_py_invoke_all,
     *d_context_create;
@@ -53,7 +53,6 @@ init_driver(void)
     INTERN(d_effective, "_effective");
     INTERN(d_root, "root");
     INTERN(d_clock, "_clock");
-    INTERN(d_ticks, "ticks");
     INTERN(d_armed_at, "_armed_at");
     INTERN(d_arm_deadline, "_arm_deadline");
     INTERN(d_id, "id");
@@ -135,7 +134,9 @@ vm_idle(PyObject *vm)
     return idle;
 }
 
-/* PluginVM.call's deadline arming: only when the epoch clock has ticked since. */
+/* PluginVM.call's deadline arming: only when the epoch clock has ticked since. The C
+ * clock (the one the compiled crossings run) is read here; any other clock, or none,
+ * goes to PluginVM._arm_deadline, which compares for itself. */
 static int
 arm_deadline(PyObject *vm)
 {
@@ -154,16 +155,10 @@ arm_deadline(PyObject *vm)
         if (at == -1 && PyErr_Occurred())
             PyErr_Clear(); /* out of range: stale, as never armed */
         stale = at < 0 || (unsigned long long)at != clock_ticks(clock);
-    } else if (clock != Py_None) {
-        PyObject *ticks = GETATTR(clock, d_ticks);
-        PyObject *armed = ticks ? GETATTR(vm, d_armed_at) : NULL;
-        stale = armed ? PyObject_RichCompareBool(ticks, armed, Py_NE) : -1;
-        Py_XDECREF(ticks);
-        Py_XDECREF(armed);
     }
     Py_DECREF(clock);
-    if (stale <= 0)
-        return stale;
+    if (!stale)
+        return 0;
     PyObject *r = PyObject_CallMethodNoArgs(vm, d_arm_deadline);
     Py_XDECREF(r);
     return r == NULL ? -1 : 0;
