@@ -13,10 +13,12 @@
 #include <time.h>
 
 typedef void (*increment_epoch_fn)(void *engine);
+typedef void (*set_deadline_fn)(void *context, uint64_t ticks);
 
 typedef struct {
     PyObject_HEAD
     increment_epoch_fn increment;
+    set_deadline_fn set_deadline; /* wasmtime_context_set_epoch_deadline, or NULL */
     void *engine;          /* wasm_engine_t, owned by `keep` */
     PyObject *keep;        /* the wasmtime.Engine: it must outlive the thread */
     long long interval_ns;
@@ -119,12 +121,13 @@ EpochClock_running(EpochClock *c, void *closure)
 static PyObject *
 EpochClock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *names[] = {"increment", "engine", "keep", "interval_s", NULL};
-    unsigned long long increment, engine;
+    static char *names[] = {"increment", "engine", "keep", "interval_s", "set_deadline",
+                            NULL};
+    unsigned long long increment, engine, set_deadline = 0;
     PyObject *keep;
     double interval_s;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKOd", names, &increment, &engine, &keep,
-                                     &interval_s))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKOd|K", names, &increment, &engine, &keep,
+                                     &interval_s, &set_deadline))
         return NULL;
     if (!(interval_s >= 1e-4 && interval_s <= 60.0)) {
         PyErr_SetString(PyExc_ValueError, "interval_s must be within [0.0001, 60]");
@@ -140,6 +143,7 @@ EpochClock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     pthread_condattr_destroy(&attr);
     pthread_mutex_init(&c->lock, NULL);
     c->increment = (increment_epoch_fn)(uintptr_t)increment;
+    c->set_deadline = (set_deadline_fn)(uintptr_t)set_deadline;
     c->engine = (void *)(uintptr_t)engine;
     c->keep = Py_NewRef(keep);
     c->interval_ns = (long long)(interval_s * 1e9);
@@ -172,8 +176,9 @@ static PyGetSetDef EpochClock_getset[] = {
 static PyTypeObject EpochClockType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "meshgate.gateway.wasm._crossing.EpochClock",
-    .tp_doc = "EpochClock(increment, engine, keep, interval_s)\n"
-              "A C thread calling increment(engine) every interval_s.",
+    .tp_doc = "EpochClock(increment, engine, keep, interval_s, set_deadline=0)\n"
+              "A C thread calling increment(engine) every interval_s; set_deadline is "
+              "how the driver arms a store's deadline without Python.",
     .tp_basicsize = sizeof(EpochClock),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = EpochClock_new,

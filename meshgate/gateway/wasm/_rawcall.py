@@ -187,7 +187,8 @@ def compiled_epoch_clock(engine: wasmtime.Engine, interval_s: float) -> Any:
         return None
     increment = ctypes.cast(ffi._wasmtime_engine_increment_epoch, ctypes.c_void_p).value
     pointer = ctypes.cast(engine.ptr(), ctypes.c_void_p).value
-    return _compiled.EpochClock(increment, pointer, engine, interval_s)
+    arm = ctypes.cast(ffi._wasmtime_context_set_epoch_deadline, ctypes.c_void_p).value
+    return _compiled.EpochClock(increment, pointer, engine, interval_s, arm)
 
 
 @functools.cache

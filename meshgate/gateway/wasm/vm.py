@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import weakref
 
@@ -50,8 +51,9 @@ class PluginVM:
     call would cost more than the rest of a small callback's Python path.
     """
 
-    __slots__ = ("store", "deadline_ticks", "depth", "_ctx", "_clock", "_holds_gil",
-                 "_armed_at", "_instance", "_export_names", "mem", "funcs", "_alloc", "broken")
+    __slots__ = ("store", "deadline_ticks", "depth", "_ctx", "_ctx_address", "_clock",
+                 "_holds_gil", "_armed_at", "_instance", "_export_names", "mem", "funcs",
+                 "_alloc", "broken")
 
     def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module,
                  linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int,
@@ -66,6 +68,8 @@ class PluginVM:
         self.deadline_ticks = deadline_ticks
         self.depth = 0
         self._ctx = self.store._context()
+        # For the compiled driver, which arms the deadline without ctypes.
+        self._ctx_address = ctypes.cast(self._ctx, ctypes.c_void_p).value
         self._clock = epoch_clock
         # Compiled calls keep the GIL unless a Python thread must interrupt them.
         self._holds_gil = not getattr(epoch_clock, "needs_gil", False)

@@ -291,6 +291,18 @@ async def test_infinite_loop_hits_the_cpu_deadline(load, caplog):
     assert any("interrupt" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_callback_after_the_last_deadline_passed_gets_its_own(load):
+    """The deadline counts from each callback's start: once the clock has ticked past the
+    previous callback's deadline (0.2 s here), the next callback is armed anew, not trapped
+    on entry. The compiled driver arms it in C, the Python one through the VM."""
+    host = await load(plugin())
+    assert await host.new_stream().request_headers(req(), True) == CONTINUE
+    armed_at = host.vm._armed_at
+    await asyncio.sleep(0.35)
+    assert await host.new_stream().request_headers(req(), True) == CONTINUE
+    assert host.vm._armed_at > armed_at + 10  # the clock's ticks at the second arming
+
+
 async def test_memory_cap_stops_a_growing_plugin(load, services):
     services.memory_limit_bytes = 4 * 65536
     grow = "(if (i32.eq (memory.grow (i32.const 64)) (i32.const -1)) (then unreachable))"
