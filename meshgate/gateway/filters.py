@@ -92,6 +92,8 @@ class PluginChain:
     body ends. Nothing is buffered unless a plugin asks.
     """
 
+    __slots__ = ("streams", "reversed_streams", "limit", "path", "status", "responded")
+
     def __init__(self, streams: list[Any], limit: int) -> None:
         self.streams = streams
         #: The response's order (Envoy's encoder filters run last to first).

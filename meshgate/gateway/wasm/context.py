@@ -110,10 +110,15 @@ class Context:
     enums): the import table skips building an enum member on every host call.
     """
 
+    # Slotted, so that a stream context (one per plugin and plugged request) carries no
+    # instance dict to make and free.
+    __slots__ = ("foreign_call",)
     id: int
-    #: The ``ForeignCall`` foreign functions get from this context, built by the plugin
-    #: host on first use (its fields are constant for the context's life).
-    foreign_call: Any = None
+
+    def __init__(self) -> None:
+        #: The ``ForeignCall`` foreign functions get from this context, built by the plugin
+        #: host on first use (its fields are constant for the context's life).
+        self.foreign_call: Any = None
 
     def header_map(self, map_type: int) -> HeaderMap | None:
         return None
@@ -127,6 +132,7 @@ class RootContext(Context):
     delivered (Envoy 1.40 delivers ``on_http_call_response`` to the root context)."""
 
     def __init__(self, vm_configuration: bytes, plugin_configuration: bytes) -> None:
+        super().__init__()
         self.id = ROOT_CONTEXT_ID
         self.vm_configuration = Buffer(vm_configuration)
         self.plugin_configuration = Buffer(plugin_configuration)
@@ -175,6 +181,7 @@ class StreamContext(Context):
                  "reset_requested")
 
     def __init__(self, context_id: int, info: StreamInfo, root: RootContext) -> None:
+        self.foreign_call = None  # Context.__init__'s one line, without the call
         self.id = context_id
         self.info = info
         self.root = root
