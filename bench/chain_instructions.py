@@ -38,7 +38,7 @@ WARM_UP = 200
 async def child(variant: str, n: int, plugins: Path, cache: Path) -> None:
     from aiohttp.test_utils import make_mocked_request
     from opentelemetry.sdk.trace import TracerProvider
-    from plugin_chain import BODY, UPSTREAM_HEADERS, Transport  # bench/ is on sys.path
+    from plugin_chain import UPSTREAM_HEADERS, Transport, through  # bench/ is on sys.path
     from wasm_host import API_KEY, new_services, rate_limit_and_auth
 
     from meshgate.gateway.filters import PluginChain
@@ -65,9 +65,7 @@ async def child(variant: str, n: int, plugins: Path, cache: Path) -> None:
         if variant == "without":
             return
         chain = PluginChain.start(hosts, request, span, 1 << 20, w3c)
-        await chain.request_headers("GET", "/api/items?id=7", headers, request)
-        await chain.response_headers(200, response_headers)
-        await chain.whole_response_body(BODY)
+        await through(chain, headers, request, response_headers)
         chain.finish()
 
     for _ in range(WARM_UP + n):

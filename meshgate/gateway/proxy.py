@@ -214,12 +214,15 @@ class DataPath:
         request (the plugins' request phase, then the body) must be in by then."""
         path = route.rewrite(request.raw_path)
         if chain is not None:
-            if deadline is None:
-                await chain.request_headers(request.method, path, up_headers, request)
-            else:
+            # Only a paused plugin can outlast the deadline: the rest is bounded by the
+            # plugins' CPU deadline, and needs no timer.
+            rest = chain.begin_request_headers(request.method, path, up_headers, request)
+            if rest is not None and deadline is None:
+                await rest
+            elif rest is not None:
                 try:
                     async with asyncio.timeout_at(deadline):
-                        await chain.request_headers(request.method, path, up_headers, request)
+                        await rest
                 except TimeoutError as exc:
                     # Envoy's code: 504 once the client has sent the whole request (the
                     # wait is the proxy's), 408 while it has not.
@@ -291,7 +294,9 @@ class DataPath:
         headers = strip_hop_by_hop(upstream.headers)
         status = upstream.status
         if chain is not None:
-            await chain.response_headers(status, headers)
+            rest = chain.begin_response_headers(status, headers)
+            if rest is not None:
+                await rest
             status = chain.status or status
         length = upstream.content_length
         if request.method == "HEAD" or status in (204, 304):
@@ -299,7 +304,8 @@ class DataPath:
         if length is not None and length <= SMALL_BODY:
             body = await self._read_upstream(upstream)
             if chain is not None:
-                body = await chain.whole_response_body(body)
+                out = chain.begin_whole_response_body(body)
+                body = out if isinstance(out, bytes) else await out
             headers.popall("content-length", None)
             return web.Response(status=status, headers=headers, body=body)
         return await self._stream(request, upstream, status, headers, chain)

@@ -6,6 +6,7 @@ header names as a plugin sees them, edits copied back, replies, and the closing 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -78,6 +79,37 @@ async def test_response_edits_are_copied_back_and_the_body_kept(load: Any,
     chain.finish()  # once only
     assert [r.getMessage() for r in caplog.records
             if r.name == "meshgate.plugin.marker"] == ["closed"]
+
+
+async def test_a_phase_settles_at_once_unless_a_plugin_pauses(load: Any) -> None:
+    """The data path's `begin_*` calls: when every plugin decides at once they answer
+    None (the body, for the whole body) with the edits already in the data path's
+    headers; a plugin that pauses leaves an awaitable that copies them once it resumes."""
+    marker = await load(plugin(on_response_headers=MARKS_RESPONSE,
+                               strings={"k": b"x-seen", "v": b"yes"}), name="marker")
+    pauser = await load(plugin(
+        on_response_headers="(drop (call $proxy_add_header_map_value (i32.const 2) @k #k "
+                            "@v #v)) (i32.const 1)",
+        strings={"k": b"x-paused", "v": b"yes"}), name="pauser")
+    request = make_mocked_request("GET", "/a", headers={"Host": "svc"})
+    quick = PluginChain.start([marker], request, None, 1024, None)
+    assert quick.begin_request_headers("GET", "/a", CIMultiDict(), request) is None
+    headers: CIMultiDict[str] = CIMultiDict()
+    assert quick.begin_response_headers(200, headers) is None
+    assert headers["x-seen"] == "yes"
+    assert quick.begin_whole_response_body(b"body") == b"body"
+    quick.finish()
+
+    paused = PluginChain.start([pauser], request, None, 1024, None)
+    headers = CIMultiDict()
+    rest = paused.begin_response_headers(200, headers)
+    assert rest is not None and "x-paused" not in headers
+    waiting = asyncio.ensure_future(rest)
+    await asyncio.sleep(0)  # the chain now waits for the plugin
+    paused.streams[0].ctx.wake()
+    await waiting
+    assert headers["x-paused"] == "yes"
+    paused.finish()
 
 
 EDITS = [("set", "X-A", "1"), ("add", "x-b", "2"), ("set", "x-b", "3"), ("remove", "X-C", None),
