@@ -107,11 +107,12 @@ class PluginChain:
     @classmethod
     def start(
         cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int,
-        w3c: tuple[str, str] | None,
+        w3c: tuple[str, str] | None, route_name: str = "", cluster_name: str = "",
     ) -> PluginChain:
-        """`w3c`: the request span's (traceparent, tracestate) (`tracing.w3c_context`)."""
+        """`w3c`: the request span's (traceparent, tracestate) (`tracing.w3c_context`);
+        the route and its cluster are the plugins' `xds.route_name`/`xds.cluster_name`."""
         # One StreamInfo for all the plugins of the request: the host only reads it.
-        info = _stream_info(request, span, w3c)
+        info = _stream_info(request, span, w3c, route_name, cluster_name)
         return cls([p.new_stream(info) for p in plugins], limit)
 
     async def request_headers(
@@ -273,12 +274,14 @@ class PluginChain:
             log.error("plugin stream finish failed", exc_info=exc)
 
 
-def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None) -> Any:
+def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None,
+                 route_name: str = "", cluster_name: str = "") -> Any:
     traceparent, tracestate = w3c if w3c is not None else (None, None)
     # Positional, in StreamInfo's field order: keywords cost more (it runs once per
     # plugged request). The addresses come from the transport if a plugin asks.
-    return _wasm().StreamInfo("", "", request.headers.get("x-request-id", ""), traceparent,
-                              tracestate or None, span, request.transport)
+    return (_WASM or _wasm()).StreamInfo(
+        "", "", request.headers.get("x-request-id", ""), traceparent, tracestate or None,
+        span, request.transport, route_name, cluster_name)
 
 
 async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:

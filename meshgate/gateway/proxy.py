@@ -167,7 +167,8 @@ class DataPath:
         chain = None
         if lc.plugins:
             limit = self.settings.max_buffered_body
-            chain = PluginChain.start(lc.plugins, request, span, limit, w3c)
+            chain = PluginChain.start(lc.plugins, request, span, limit, w3c, route.name,
+                                      route.cluster)
         timeout_s = lc.spec.request_timeout_s
         deadline = asyncio.get_running_loop().time() + timeout_s if timeout_s else None
         try:

@@ -185,3 +185,12 @@ def test_addresses_are_read_from_the_connection_when_a_plugin_asks(
     get_property(ctx, ident, b"source\0port")
     assert connection.asked == 2 + (peer is None)  # found addresses are kept
     assert get_property(ctx, ident, b"request\0id") == (Status.OK, b"r1")
+
+
+def test_plugins_see_the_route_and_cluster_the_request_took() -> None:
+    request = make_mocked_request("GET", "/a", headers={})
+    ctx = StreamContext(2, _stream_info(request, None, None, "api", "backend"),
+                        RootContext(b"", b""))
+    ident = PluginIdentity("p", "", "", "", "")
+    assert get_property(ctx, ident, b"xds\0route_name") == (Status.OK, b"api")
+    assert get_property(ctx, ident, b"xds\0cluster_name") == (Status.OK, b"backend")
