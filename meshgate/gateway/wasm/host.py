@@ -405,6 +405,10 @@ class _SharedImports:
     VM (``_boot``, ``_invoke``) activates its host first.
     """
 
+    # Slotted: the compiled driver reads `env` and `wasi` on every callback that
+    # switches plugins (through the attribute cache, which serves slots only).
+    __slots__ = ("linker", "_table", "env", "wasi")
+
     def __init__(self, engine: wasmtime.Engine) -> None:
         self.linker = wasmtime.Linker(engine)
         table = HostFunctionTable(self.linker)
