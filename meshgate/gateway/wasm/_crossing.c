@@ -75,6 +75,11 @@ load_result(const raw_val *slot, char kind)
     return PyLong_FromLongLong(slot->i64);
 }
 
+/* Set on this thread while a WasmCall that keeps the GIL runs the guest: host functions
+ * the guest calls meanwhile know the GIL is theirs, without PyGILState_Ensure/Release
+ * (about 80 instructions a host call). Saved and restored around nested calls. */
+static _Thread_local int gil_held_by_call;
+
 /* ---- WasmCall: one exported function, called through wasmtime_func_call_unchecked ---- */
 
 typedef struct {
@@ -114,14 +119,20 @@ WasmCall_vectorcall(PyObject *self_obj, PyObject *const *args, size_t nargsf, Py
             return NULL;
     void *error;
     if (self->hold_gil) {
+        int outer = gil_held_by_call;
+        gil_held_by_call = 1;
         error = self->call(self->ctx, self->func, self->vals, (size_t)self->nvals, self->trap);
+        gil_held_by_call = outer;
     } else {
         /* Released as ctypes does: an epoch clock that is a Python thread must be able
          * to run to interrupt a callback that never returns. */
+        int outer = gil_held_by_call;
+        gil_held_by_call = 0; /* even inside a call that keeps it: released here */
         Py_BEGIN_ALLOW_THREADS
         error = self->call(self->ctx, self->func, self->vals, (size_t)self->nvals,
                            self->trap);
         Py_END_ALLOW_THREADS
+        gil_held_by_call = outer;
     }
     if (error != NULL || *self->trap != NULL) {
         PyObject *addr = PyLong_FromVoidPtr(error);
@@ -242,6 +253,12 @@ typedef struct {
 #include "_fastpaths.h"
 #include "_driver.h"
 
+#define RELEASE_GIL(taken, state) \
+    do {                              \
+        if (taken)                    \
+            PyGILState_Release(state); \
+    } while (0)
+
 /* wasmtime_func_unchecked_callback_t; env is the HostFunction, kept alive by the
  * linker's owner on the Python side (HostFunctionTable). */
 static void *
@@ -251,14 +268,16 @@ host_trampoline(void *env, void *caller, raw_val *vals, size_t n)
     (void)n;
     HostFunction *h = (HostFunction *)env;
     void *trap = NULL;
-    PyGILState_STATE gil = PyGILState_Ensure();
+    /* Taken only when the caller released it (the ctypes crossings, a Python clock). */
+    int take_gil = !gil_held_by_call;
+    PyGILState_STATE gil = take_gil ? PyGILState_Ensure() : PyGILState_UNLOCKED;
     PyObject *argv[MAX_VALS];
     Py_ssize_t built = 0;
     PyObject *r = NULL;
     if (h->fast != FAST_NONE) {
         int handled = run_fast_path(h, vals);
         if (handled > 0) {
-            PyGILState_Release(gil);
+            RELEASE_GIL(take_gil, gil);
             return NULL;
         }
         if (handled < 0)
@@ -285,7 +304,7 @@ failed:
             vals[0] = out;
         }
         Py_DECREF(r);
-        PyGILState_Release(gil);
+        RELEASE_GIL(take_gil, gil);
         return NULL;
     }
 error: ;
@@ -315,7 +334,7 @@ error: ;
             out.i64 = status;
         vals[0] = out;
     }
-    PyGILState_Release(gil);
+    RELEASE_GIL(take_gil, gil);
     return trap;
 }
 

@@ -43,7 +43,7 @@ SPIN = '(module (func (export "spin") (loop (br 0))))'
 HostFns = dict[str, Callable[..., int | None]]
 
 
-def instance(fns: HostFns) -> Callable[[str], RawFunc]:
+def instance(fns: HostFns, hold_gil: bool = False) -> Callable[[str], RawFunc]:
     engine = wasmtime.Engine()
     linker = wasmtime.Linker(engine)
     table = HostFunctionTable(linker)
@@ -53,7 +53,7 @@ def instance(fns: HostFns) -> Callable[[str], RawFunc]:
     store = wasmtime.Store(engine)
     exports = linker.instantiate(store, wasmtime.Module(engine, WAT)).exports(store)
     kept.append((table, store))  # wasmtime holds raw pointers to both
-    return lambda name: RawFunc(store, exports[name], name)
+    return lambda name: RawFunc(store, exports[name], name, hold_gil)
 
 
 kept: list[object] = []
@@ -91,6 +91,19 @@ def test_arguments_and_results_cross_with_their_wasm_types() -> None:
     assert func("call_f64")(-21) == -42
     assert func("call_none")(9) is None
     assert seen == [(0x80000000, 7), (-21,), (9,)]
+
+
+def test_host_functions_run_under_calls_that_keep_or_release_the_gil() -> None:
+    """A host function called from a guest call that keeps the GIL skips taking it; one
+    called from a call nested inside it that releases the GIL must take it again."""
+    seen: list[tuple[int, ...]] = []
+    fns = plain(seen)
+    released = instance(fns, hold_gil=False)
+    fns["f32"] = lambda a, b: released("call_f64")(a) + b  # nested, GIL released
+    kept = instance(fns, hold_gil=True)
+    assert kept("call_f32")(20, 2) == 42
+    assert kept("call_none")(7) is None
+    assert seen == [(20,), (7,)]
 
 
 def test_a_wrong_argument_count_is_a_type_error_not_a_crash() -> None:
