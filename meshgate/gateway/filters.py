@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -135,8 +135,11 @@ class PluginChain:
         hmap = wasm.HeaderMap.with_pseudo([
             (":method", method), (":path", path), (":authority", request.host),
             (":scheme", request.scheme)], headers)
-        rest = self._phase(self.streams, wasm.REQUEST_HEADERS, hmap, not request.body_exists)
-        if rest is not None:
+        end = not request.body_exists
+        stopped = wasm.drive_phase(self.streams, 0, wasm.REQUEST_HEADERS, hmap, end, None)
+        if stopped is not None:
+            rest = self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap,
+                                       end, None)
             return self._then(rest, self._request_edits, hmap, headers)
         self._request_edits(hmap, headers)
         return None
@@ -158,8 +161,11 @@ class PluginChain:
         self.responded = True
         wasm = _WASM or _wasm()
         hmap = wasm.HeaderMap.with_pseudo([(":status", str(status))], headers)
-        rest = self._phase(self.reversed_streams, wasm.RESPONSE_HEADERS, hmap, False, status)
-        if rest is not None:
+        streams = self.reversed_streams
+        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_HEADERS, hmap, False, status)
+        if stopped is not None:
+            rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False,
+                                       status)
             return self._then(rest, self._response_edits, hmap, headers)
         self._response_edits(hmap, headers)
         return None
@@ -177,21 +183,12 @@ class PluginChain:
         after(hmap, headers)
 
     @staticmethod
-    def _phase(streams: list[Any], phase: int, payload: Any, end: bool,
-               code: int | None = None) -> Coroutine[Any, Any, None] | None:
-        """One phase through `streams` (`wasm.drive_phase`): None when every plugin
-        continued, the common case, settled without a coroutine; else what is left of
-        the phase, to await."""
-        stopped = _WASM.drive_phase(streams, 0, phase, payload, end, code)
-        if stopped is None:
-            return None
-        return PluginChain._rest_of_phase(streams, stopped, phase, payload, end, code)
-
-    @staticmethod
     async def _rest_of_phase(streams: list[Any], stopped: tuple[int, Any] | None, phase: int,
                              payload: Any, end: bool, code: int | None) -> None:
-        """A phase after a plugin did not continue: its action is carried out (a pause
-        awaited), then the phase goes on with the next plugin."""
+        """A phase after a plugin did not continue (`wasm.drive_phase` answered the index
+        and action of the first that did not): its action is carried out (a pause
+        awaited), then the phase goes on with the next plugin. A phase where every plugin
+        continued, the common case, is settled without this coroutine."""
         while stopped is not None:
             index, action = stopped
             _outcome(action if action is not None else await streams[index].resumed())
@@ -223,8 +220,10 @@ class PluginChain:
         """
         wasm = _WASM or _wasm()
         buffer = wasm.Buffer(bytearray(body), True)  # mutable
-        rest = self._phase(self.reversed_streams, wasm.RESPONSE_BODY, buffer, True)
-        if rest is not None:
+        streams = self.reversed_streams
+        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_BODY, buffer, True, None)
+        if stopped is not None:
+            rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_BODY, buffer, True, None)
             return self._body_after(rest, buffer)
         return bytes(buffer.data)
 
