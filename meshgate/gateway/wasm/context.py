@@ -78,6 +78,9 @@ class StreamInfo:
     requested_server_name: str = ""
     upstream_address: str = ""
     start_time_ns: int = field(default_factory=time.time_ns)
+    #: What plugins set with ``proxy_set_property``: the stream's filter state, shared by
+    #: all the plugins of the request as in Envoy. None until one sets something.
+    filter_state: dict[bytes, bytes] | None = None
 
     def address(self, side: str) -> str:
         """``source_address`` (``side`` "source") or ``destination_address``."""
@@ -177,7 +180,7 @@ class StreamContext(Context):
     __slots__ = ("id", "info", "root", "request_headers", "request_trailers",
                  "response_headers", "response_trailers", "request_body", "response_body",
                  "request_body_bytes", "response_code", "response_code_details",
-                 "properties", "local_reply", "resume", "continued", "failed",
+                 "local_reply", "resume", "continued", "failed",
                  "reset_requested")
 
     def __init__(self, context_id: int, info: StreamInfo, root: RootContext) -> None:
@@ -195,7 +198,6 @@ class StreamContext(Context):
         self.request_body_bytes = 0
         self.response_code: int | None = None
         self.response_code_details: str | None = None
-        self.properties: dict[bytes, bytes] = {}
         self.local_reply: LocalReplyRequest | None = None
         #: Resolved when the plugin resumes a paused stream or sends a local reply.
         self.resume: asyncio.Future[None] | None = None

@@ -44,7 +44,11 @@ class HeaderMap:
     def with_pseudo(cls, pseudo: list[tuple[str, str]], headers: Any) -> HeaderMap:
         """A map of ``pseudo`` (names lower-case already), then ``headers``' pairs (any
         mapping with ``items()``, e.g. the data path's ``CIMultiDict``), names lower-cased."""
-        return cls.lowered(lowered_pairs(pseudo, headers))
+        hmap = cls.__new__(cls)  # `lowered`, inline: this runs twice a plugged request
+        hmap._items = lowered_pairs(pseudo, headers)
+        hmap.edits = 0
+        hmap.log = []
+        return hmap
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(list(self._items))

@@ -128,8 +128,9 @@ def get_property(ctx: Context, ident: PluginIdentity, raw_path: bytes) -> tuple[
     """Answer ``proxy_get_property`` for ``raw_path`` in context ``ctx``."""
     if not raw_path:
         return Status.SERIALIZATION_FAILURE, b""
-    if isinstance(ctx, StreamContext) and raw_path in ctx.properties:
-        return Status.OK, ctx.properties[raw_path]
+    state = ctx.info.filter_state if isinstance(ctx, StreamContext) else None
+    if state and raw_path in state:
+        return Status.OK, state[raw_path]
     segs = raw_path.decode("utf-8", "replace").rstrip("\0").split("\0")
     if len(segs) == 1 and segs[0] in _PLUGIN:
         return Status.OK, _PLUGIN[segs[0]](ident)
@@ -148,10 +149,13 @@ def get_property(ctx: Context, ident: PluginIdentity, raw_path: bytes) -> tuple[
 
 def set_property(ctx: Context, raw_path: bytes, value: bytes) -> Status:
     """Envoy keeps plugin-set properties in the stream's filter state; a later get on the
-    same path returns them. Outside a stream there is nowhere to keep them."""
+    same path returns them, to any plugin of the stream. Outside a stream there is
+    nowhere to keep them."""
     if not raw_path:
         return Status.SERIALIZATION_FAILURE
     if not isinstance(ctx, StreamContext):
         return Status.NOT_FOUND
-    ctx.properties[raw_path] = bytes(value)
+    if ctx.info.filter_state is None:
+        ctx.info.filter_state = {}
+    ctx.info.filter_state[raw_path] = bytes(value)
     return Status.OK

@@ -356,6 +356,19 @@ async def test_set_property_is_visible_to_later_gets(probe):
     assert returned(probe) == b"42"
 
 
+async def test_a_set_property_is_seen_by_the_streams_other_plugins_only(probe):
+    """Envoy's filter state: one per stream, shared by its filters."""
+    info = StreamInfo()
+    setter, reader = probe.new_stream(info).ctx, probe.new_stream(info).ctx
+    other_request = stream_with(probe, [])
+    path, val = put(probe, ARG, b"my\0prop"), put(probe, ARG2, b"7")
+    assert call_in(probe, setter, "proxy_set_property", *path, *val) == OK
+    assert call_in(probe, reader, "proxy_get_property", *path, SLOT_PTR, SLOT_SIZE) == OK
+    assert returned(probe) == b"7"
+    found = call_in(probe, other_request, "proxy_get_property", *path, SLOT_PTR, SLOT_SIZE)
+    assert found == NOT_FOUND
+
+
 # -- foreign functions, http_call validation ----------------------------------------------
 async def test_foreign_functions(probe):
     ctx = stream_with(probe, [])
