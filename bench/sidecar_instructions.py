@@ -55,6 +55,7 @@ def main() -> None:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: apt-get install valgrind wrk")
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-instructions-"))
+    print(f"callgrind dumps (kept, for callgrind_annotate): {tmp}", flush=True)
     per_request: dict[str, list[float]] = {t: [] for t in TARGETS}
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
