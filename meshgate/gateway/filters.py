@@ -129,7 +129,7 @@ class PluginChain:
         `headers` and `self.path`. Raises PluginReplied / StreamReset.
 
         None when every plugin decided at once, the common case, with no coroutine made
-        (each cost about 1,500 instructions a request); else what is left, to await.
+        (decision 1600); else what is left, to await.
         """
         wasm = _WASM or _wasm()
         hmap = wasm.HeaderMap.with_pseudo([

@@ -19,8 +19,9 @@
 static PyObject *d_skip, *d_replied, *d_finished, *d_created, *d_generation, *d_host,
     *d_ctx, *d_host_generation, *d_vm, *d_broken, *d_depth, *d_funcs, *d_call, *d_imports,
     *d_env, *d_wasi, *d_t, *d_effective, *d_root, *d_clock, *d_armed_at,
-    *d_arm_deadline, *d_ctx_address, *d_deadline_ticks, *d_id, *d_failed, *d_reset_requested, *d_local_reply, *d_continued,
-    *d_settled, *d_py_call, *d_after_trap, *d_callback, *d_py_invoke_all,
+    *d_arm_deadline, *d_ctx_address, *d_deadline_ticks, *d_id, *d_failed,
+    *d_reset_requested, *d_local_reply, *d_continued, *d_settled, *d_py_call, *d_after_trap,
+    *d_callback, *d_py_invoke_all,
     *d_context_create;
 enum { PHASE_REQUEST_HEADERS, PHASE_RESPONSE_HEADERS, PHASE_RESPONSE_BODY };
 static PyObject *d_request_headers, *d_response_headers, *d_response_code,
