@@ -215,21 +215,9 @@ class DataPath:
         request (the plugins' request phase, then the body) must be in by then."""
         path = route.rewrite(request.raw_path)
         if chain is not None:
-            # Only a paused plugin can outlast the deadline: the rest is bounded by the
-            # plugins' CPU deadline, and needs no timer.
             rest = chain.begin_request_headers(request.method, path, up_headers, request)
-            if rest is not None and deadline is None:
-                await rest
-            elif rest is not None:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await rest
-                except TimeoutError as exc:
-                    # Envoy's code: 504 once the client has sent the whole request (the
-                    # wait is the proxy's), 408 while it has not.
-                    received = not request.body_exists or request.content.is_eof()
-                    raise ProxyError(504 if received else 408, "downstream_request_timeout",
-                                     "plugins still deciding at the request timeout") from exc
+            if rest is not None:
+                await _paused_plugins(rest, deadline, request)
             path = chain.path or path
         body: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
@@ -390,6 +378,25 @@ async def _body_stream(
         if not chunk:
             return
         yield chunk
+
+
+async def _paused_plugins(rest: Awaitable[None], deadline: float | None,
+                          request: web.BaseRequest) -> None:
+    """The request phase after a plugin paused, within the request timeout. Only a pause
+    can outlast it: the rest of the phase is bounded by the plugins' CPU deadline, so a
+    request whose plugins decide at once needs no timer."""
+    if deadline is None:
+        await rest
+        return
+    try:
+        async with asyncio.timeout_at(deadline):
+            await rest
+    except TimeoutError as exc:
+        # Envoy's code: 504 once the client has sent the whole request (the wait is the
+        # proxy's), 408 while it has not.
+        received = not request.body_exists or request.content.is_eof()
+        raise ProxyError(504 if received else 408, "downstream_request_timeout",
+                         "plugins still deciding at the request timeout") from exc
 
 
 async def _framed_through_plugins(

@@ -188,11 +188,7 @@ arm_deadline(PyObject *vm)
         PyErr_Clear(); /* out of range: stale, as never armed */
     if (at >= 0 && (unsigned long long)at == ticks)
         return 0;
-    if (c->set_deadline != NULL)
-        return arm_in_c(vm, c, ticks);
-    PyObject *r = PyObject_CallMethodNoArgs(vm, d_arm_deadline);
-    Py_XDECREF(r);
-    return r == NULL ? -1 : 0;
+    return arm_in_c(vm, c, ticks);
 }
 
 /* One outermost call into the guest, as PluginVM.call: deadline, depth, and a trap

@@ -18,7 +18,7 @@ typedef void (*set_deadline_fn)(void *context, uint64_t ticks);
 typedef struct {
     PyObject_HEAD
     increment_epoch_fn increment;
-    set_deadline_fn set_deadline; /* wasmtime_context_set_epoch_deadline, or NULL */
+    set_deadline_fn set_deadline; /* wasmtime_context_set_epoch_deadline */
     void *engine;          /* wasm_engine_t, owned by `keep` */
     PyObject *keep;        /* the wasmtime.Engine: it must outlive the thread */
     long long interval_ns;
@@ -123,10 +123,10 @@ EpochClock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     static char *names[] = {"increment", "engine", "keep", "interval_s", "set_deadline",
                             NULL};
-    unsigned long long increment, engine, set_deadline = 0;
+    unsigned long long increment, engine, set_deadline;
     PyObject *keep;
     double interval_s;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKOd|K", names, &increment, &engine, &keep,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "KKOdK", names, &increment, &engine, &keep,
                                      &interval_s, &set_deadline))
         return NULL;
     if (!(interval_s >= 1e-4 && interval_s <= 60.0)) {
@@ -176,7 +176,7 @@ static PyGetSetDef EpochClock_getset[] = {
 static PyTypeObject EpochClockType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "meshgate.gateway.wasm._crossing.EpochClock",
-    .tp_doc = "EpochClock(increment, engine, keep, interval_s, set_deadline=0)\n"
+    .tp_doc = "EpochClock(increment, engine, keep, interval_s, set_deadline)\n"
               "A C thread calling increment(engine) every interval_s; set_deadline is "
               "how the driver arms a store's deadline without Python.",
     .tp_basicsize = sizeof(EpochClock),

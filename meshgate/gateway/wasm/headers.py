@@ -31,20 +31,12 @@ class HeaderMap:
         self.log: list[tuple[int, str, str | None]] | None = []
 
     @classmethod
-    def lowered(cls, items: list[tuple[str, str]]) -> HeaderMap:
-        """A map that takes ``items`` as they are: names already lower-cased, and the list
-        the map's own from now on. The data path builds one per request and direction."""
-        hmap = cls.__new__(cls)
-        hmap._items = items
-        hmap.edits = 0
-        hmap.log = []
-        return hmap
-
-    @classmethod
     def with_pseudo(cls, pseudo: list[tuple[str, str]], headers: Any) -> HeaderMap:
         """A map of ``pseudo`` (names lower-case already), then ``headers``' pairs (any
-        mapping with ``items()``, e.g. the data path's ``CIMultiDict``), names lower-cased."""
-        hmap = cls.__new__(cls)  # `lowered`, inline: this runs twice a plugged request
+        mapping with ``items()``, e.g. the data path's ``CIMultiDict``), names lower-cased.
+        The data path builds one per request and direction: no ``__init__``, whose
+        comprehension would copy the pairs again."""
+        hmap = cls.__new__(cls)
         hmap._items = lowered_pairs(pseudo, headers)
         hmap.edits = 0
         hmap.log = []

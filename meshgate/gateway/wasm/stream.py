@@ -337,5 +337,6 @@ def _one_phase(stream: HttpStream, phase: int, payload: HeaderMap | Buffer,
     stopped = drive_phase([stream], 0, phase, payload, end_of_stream, code)
     return CONTINUE if stopped is None else stopped[1]
 
+
 finish_streams = (COMPILED_DRIVER.finish_streams if COMPILED_DRIVER is not None
                   else finish_streams_py)
