@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,14 +106,14 @@ class PluginChain:
 
     @classmethod
     def start(
-        cls, plugins: Iterable[Any], request: web.BaseRequest, span: Any, limit: int,
+        cls, plugins: Sequence[Any], request: web.BaseRequest, span: Any, limit: int,
         w3c: tuple[str, str] | None, route_name: str = "", cluster_name: str = "",
     ) -> PluginChain:
         """`w3c`: the request span's (traceparent, tracestate) (`tracing.w3c_context`);
         the route and its cluster are the plugins' `xds.route_name`/`xds.cluster_name`."""
         # One StreamInfo for all the plugins of the request: the host only reads it.
         info = _stream_info(request, span, w3c, route_name, cluster_name)
-        return cls([p.new_stream(info) for p in plugins], limit)
+        return cls((_WASM or _wasm()).open_streams(plugins, info), limit)
 
     async def request_headers(
         self, method: str, path: str, headers: CIMultiDict[str], request: web.BaseRequest

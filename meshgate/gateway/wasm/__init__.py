@@ -60,6 +60,7 @@ from .stream import (
     HttpStream,
     drive_phase,
     finish_streams,
+    open_streams,
 )
 
 __all__ = [
@@ -86,4 +87,5 @@ __all__ = [
     "StreamInfo",
     "drive_phase",
     "finish_streams",
+    "open_streams",
 ]

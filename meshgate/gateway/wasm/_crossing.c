@@ -252,6 +252,7 @@ typedef struct {
 #include "_headers.h"
 #include "_fastpaths.h"
 #include "_driver.h"
+#include "_streams.h"
 
 #define RELEASE_GIL(taken, state) \
     do {                              \
@@ -443,6 +444,10 @@ static PyMethodDef crossing_methods[] = {
      "stream.drive_phase_py, compiled."},
     {"finish_streams", (PyCFunction)finish_streams, METH_O,
      "finish_streams(streams): stream.finish_streams_py, compiled."},
+    {"open_streams", (PyCFunction)(void (*)(void))open_streams, METH_FASTCALL,
+     "open_streams(hosts, info): stream.open_streams_py, compiled."},
+    {"configure_streams", (PyCFunction)(void (*)(void))configure_streams, METH_FASTCALL,
+     "configure_streams(ctx_template, stream_template): what open_streams copies."},
     {"lowered_pairs", (PyCFunction)(void (*)(void))lowered_pairs, METH_FASTCALL,
      "lowered_pairs(head, headers): headers.lowered_pairs_py, compiled."},
     {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
@@ -464,7 +469,8 @@ PyInit__crossing(void)
     if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0 ||
         PyType_Ready(&EpochClockType) < 0)
         return NULL;
-    if (init_fast_paths() < 0 || init_driver() < 0 || init_headers() < 0)
+    if (init_fast_paths() < 0 || init_driver() < 0 || init_headers() < 0 ||
+        init_streams() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&crossing_module);
     if (m == NULL)

@@ -118,13 +118,17 @@ guest_release(Guest *g)
     Py_XDECREF(g->mem);
 }
 
-/* A new reference as an unsigned 64-bit value, the reference released; -1 on error. */
+/* A new reference as an unsigned 64-bit value, the reference released; -1 on error.
+ * PyLong_AsSize_t, not PyLong_AsUnsignedLongLong: the latter takes a generic byte-array
+ * conversion for any int over 30 bits, and the guest's base address is one, read on every
+ * host call. */
+_Static_assert(sizeof(size_t) == sizeof(uint64_t), "64-bit hosts only");
 static int
 u64_of(PyObject *v, uint64_t *out)
 {
     if (v == NULL)
         return -1;
-    *out = PyLong_AsUnsignedLongLong(v);
+    *out = PyLong_AsSize_t(v);
     Py_DECREF(v);
     return (*out == (uint64_t)-1 && PyErr_Occurred()) ? -1 : 0;
 }

@@ -167,6 +167,7 @@ class PluginHost:
         alive = True if vm is not None and not vm.broken else self._ensure_vm()
         ctx = StreamContext(self._next_context_id, info or StreamInfo(), self.root)
         self._next_context_id += 1
+        self.streams[ctx.id] = ctx
         return HttpStream(self, ctx, self.generation if alive else -1)
 
     def _invoke(self, ctx: Context, export: str, *args: int) -> int | None:

@@ -8,6 +8,7 @@ callback, request headers/body/trailers, response headers/body/trailers, and on
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ._rawcall import COMPILED_DRIVER, WasmTrap
@@ -19,7 +20,7 @@ from .actions import (
     ResetStream,
     StreamAction,
 )
-from .context import ROOT_CONTEXT_ID, Buffer, StreamContext
+from .context import ROOT_CONTEXT_ID, Buffer, StreamContext, StreamInfo
 from .headers import HeaderMap
 
 if TYPE_CHECKING:
@@ -53,7 +54,6 @@ class HttpStream:
         self._skip = False  # fail-open after a trap: the plugin is out of this stream
         self._replied = False  # a local reply ran; later callbacks are no-ops
         self._finished = False
-        host.streams[ctx.id] = ctx
 
     @property
     def context_id(self) -> int:
@@ -340,3 +340,24 @@ def _one_phase(stream: HttpStream, phase: int, payload: HeaderMap | Buffer,
 
 finish_streams = (COMPILED_DRIVER.finish_streams if COMPILED_DRIVER is not None
                   else finish_streams_py)
+
+
+def open_streams_py(hosts: Sequence[PluginHost], info: StreamInfo) -> list[HttpStream]:
+    """A request's streams, one per host, in order, sharing ``info``."""
+    return [host.new_stream(info) for host in hosts]
+
+
+def _templates() -> tuple[StreamContext, HttpStream]:
+    """What the compiled ``open_streams`` copies (``_streams.h``): a context and a stream
+    as their ``__init__`` leaves them. The copy's id, info, root, host, context and
+    generation are set after; the rest are the defaults."""
+    ctx = StreamContext(0, StreamInfo(), None)  # type: ignore[arg-type]
+    return ctx, HttpStream(None, ctx, 0)  # type: ignore[arg-type]
+
+
+#: ``open_streams(hosts, info)``: ``open_streams_py``, compiled where the compiled driver
+#: is in use (decision 1700).
+if COMPILED_DRIVER is not None:
+    COMPILED_DRIVER.configure_streams(*_templates())
+open_streams = (COMPILED_DRIVER.open_streams if COMPILED_DRIVER is not None
+                else open_streams_py)

@@ -26,9 +26,11 @@ from meshgate.gateway.wasm import (
     Buffer,
     HeaderMap,
     LocalReply,
+    StreamInfo,
 )
 from meshgate.gateway.wasm import stream as stream_module
 from meshgate.gateway.wasm._rawcall import COMPILED_DRIVER
+from meshgate.gateway.wasm.context import StreamContext
 from meshgate.gateway.wasm.host import PluginHost
 from meshgate.gateway.wasm.stream import HttpStream
 
@@ -139,13 +141,14 @@ async def test_the_driver_is_what_the_data_path_calls() -> None:
     assert stream_module._invoke_all is COMPILED_DRIVER.invoke_all
     assert stream_module.drive_phase is COMPILED_DRIVER.drive_phase
     assert stream_module.finish_streams is COMPILED_DRIVER.finish_streams
+    assert stream_module.open_streams is COMPILED_DRIVER.open_streams
 
 
 async def test_phases_and_finishing_leak_no_python_objects(load: Any) -> None:
     hosts = [await load(plugin(), name=f"p{i}") for i in range(2)]
 
     def one() -> None:
-        streams = [h.new_stream() for h in hosts]
+        streams = stream_module.open_streams(hosts, StreamInfo())
         body = Buffer(bytearray(b"ok"), mutable=True)
         assert stream_module.drive_phase(streams, 0, REQUEST_HEADERS, request(), True,
                                          None) is None
@@ -245,3 +248,55 @@ async def test_attributes_are_read_as_python_reads_them(load: Any) -> None:
 
     hidden = SkippedByGetattribute(host, host.new_stream().ctx, host.generation)
     assert await hidden.request_headers(request("/b"), True) == CONTINUE
+
+
+def slots(obj: Any) -> dict[str, Any]:
+    return {name: getattr(obj, name) for cls in type(obj).__mro__
+            for name in getattr(cls, "__slots__", ())}
+
+
+async def test_opened_streams_are_what_new_stream_makes(load: Any) -> None:
+    # The compiled open_streams copies templates (_streams.h): each stream must equal the
+    # one the Python reference makes, but for its context id, and be registered as open.
+    hosts = [await load(plugin(), name=f"p{i}") for i in range(2)]
+    info = StreamInfo(request_id="r-1")
+    compiled = stream_module.open_streams(hosts, info)
+    reference = stream_module.open_streams_py(hosts, info)
+    for host, made, expected in zip(hosts, compiled, reference, strict=True):
+        assert made.host is host and made.ctx.info is info and made.ctx.root is host.root
+        assert made.ctx.id + 1 == expected.ctx.id
+        assert host.streams == {made.ctx.id: made.ctx, expected.ctx.id: expected.ctx}
+        assert {**slots(made), "ctx": None} == {**slots(expected), "ctx": None}
+        assert {**slots(made.ctx), "id": 0} == {**slots(expected.ctx), "id": 0}
+    # They run a request like any other, and close.
+    assert stream_module.drive_phase(compiled, 0, REQUEST_HEADERS, request(), True,
+                                     None) is None
+    assert stream_module.finish_streams(compiled + reference) is None
+    assert all(h.streams == {} for h in hosts)
+
+
+async def test_a_host_without_a_live_vm_opens_its_stream_through_python(load: Any) -> None:
+    host = await load(plugin())
+    old = host.vm
+    old.broken = True  # as after a trap: the reference boots a new VM for the stream
+    (stream,) = stream_module.open_streams((host,), StreamInfo())
+    assert host.vm is not old and stream._generation == host.generation
+    assert await stream.request_headers(request(), True) == CONTINUE
+
+
+def test_a_template_a_copy_could_not_equal_is_refused() -> None:
+    class Shared(StreamContext):
+        __slots__ = ("seen",)
+
+        def __init__(self) -> None:
+            super().__init__(0, StreamInfo(), None)  # type: ignore[arg-type]
+            self.seen: list[str] = []
+
+    class WithDict(StreamContext):
+        pass
+
+    stream = stream_module._templates()[1]
+    with pytest.raises(TypeError, match="Shared.seen defaults to a list: every stream"):
+        COMPILED_DRIVER.configure_streams(Shared(), stream)
+    with pytest.raises(TypeError, match="WithDict cannot be a stream template"):
+        COMPILED_DRIVER.configure_streams(WithDict(0, StreamInfo(), None), stream)
