@@ -20,15 +20,12 @@ typedef struct {
     Py_ssize_t offset;    /* of an object member; 0: the generic path */
 } attr_cache;
 
-/* The slot `name` lives in, in `obj`, or NULL for the generic path. Must not run with an
- * exception pending (the type lookup may clear it). */
-static PyObject **
-attr_slot(PyObject *obj, PyObject *name, attr_cache *c)
+/* attr_slot's resolution, when the call site's cache does not match: kept out of line,
+ * so that the check every access makes is inlined at its call site. */
+static __attribute__((noinline)) PyObject **
+attr_resolve(PyObject *obj, PyObject *name, attr_cache *c)
 {
     PyTypeObject *tp = Py_TYPE(obj);
-    if (tp == c->type && name == c->name && tp->tp_version_tag == c->version &&
-        PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG))
-        return c->offset ? (PyObject **)((char *)obj + c->offset) : NULL;
     PyObject *descr = _PyType_Lookup(tp, name); /* borrowed; assigns a version tag */
     Py_ssize_t offset = 0;
     /* Only where Python itself would end at the member: the generic attribute protocol
@@ -40,7 +37,7 @@ attr_slot(PyObject *obj, PyObject *name, attr_cache *c)
         if (member->type == T_OBJECT_EX && !(member->flags & READONLY))
             offset = member->offset;
     }
-    if (!PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG))
+    if (!PyType_HasFeature(tp, Py_TPFLAGS_VALID_VERSION_TAG) || tp->tp_version_tag == 0)
         return NULL; /* nothing to key a cache on: generic path, resolve again next time */
     Py_INCREF(tp);
     Py_XSETREF(c->type, tp);
@@ -50,7 +47,20 @@ attr_slot(PyObject *obj, PyObject *name, attr_cache *c)
     return offset ? (PyObject **)((char *)obj + offset) : NULL;
 }
 
-static PyObject *
+/* The slot `name` lives in, in `obj`, or NULL for the generic path. Must not run with an
+ * exception pending (the type lookup may clear it). A class that changes gets version
+ * tag 0, which no cache holds: the tag alone guards the offset, as it guards CPython's
+ * own specialised slot reads (LOAD_ATTR_SLOT). */
+static inline __attribute__((always_inline)) PyObject **
+attr_slot(PyObject *obj, PyObject *name, attr_cache *c)
+{
+    PyTypeObject *tp = Py_TYPE(obj);
+    if (tp == c->type && tp->tp_version_tag == c->version && name == c->name)
+        return c->offset ? (PyObject **)((char *)obj + c->offset) : NULL;
+    return attr_resolve(obj, name, c);
+}
+
+static inline __attribute__((always_inline)) PyObject *
 cached_getattr(PyObject *obj, PyObject *name, attr_cache *c)
 {
     PyObject **slot = attr_slot(obj, name, c);
@@ -59,7 +69,7 @@ cached_getattr(PyObject *obj, PyObject *name, attr_cache *c)
     return PyObject_GetAttr(obj, name); /* also the AttributeError of an unset slot */
 }
 
-static int
+static inline __attribute__((always_inline)) int
 cached_setattr(PyObject *obj, PyObject *name, PyObject *value, attr_cache *c)
 {
     PyObject **slot = attr_slot(obj, name, c);

@@ -300,3 +300,17 @@ def test_a_template_a_copy_could_not_equal_is_refused() -> None:
         COMPILED_DRIVER.configure_streams(Shared(), stream)
     with pytest.raises(TypeError, match="WithDict cannot be a stream template"):
         COMPILED_DRIVER.configure_streams(WithDict(0, StreamInfo(), None), stream)
+
+
+async def test_a_class_changed_after_its_slots_were_read_is_read_anew(
+        load: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A call site keeps a slot's offset while the class's version tag holds (_attrs.h);
+    # changing the class must send the next read through Python.
+    host = await load(plugin(strings={"p": b":path", "body": b"no"},
+                             on_request_headers=LOCAL_REPLY_ON_PATH_B))
+    await one_request(host)  # every offset of the plain classes remembered
+    assert isinstance(await host.new_stream().request_headers(request("/b"), True),
+                      LocalReply)
+    slot = HttpStream._skip
+    monkeypatch.setattr(HttpStream, "_skip", property(lambda self: True, slot.__set__))
+    assert await host.new_stream().request_headers(request("/b"), True) == CONTINUE
