@@ -1,6 +1,7 @@
 """The plugins' share of one sidecar request, as the data path drives them, without sockets.
 
 Run: .venv/bin/python bench/plugin_chain.py [--plugins build/plugins] [-n 3000] [--rounds 7]
+     [--evict MB]
 
 One request is what `DataPath` does around the upstream exchange when a listener has
 plugins: the `PluginChain` of rate-limit + auth over an aiohttp request (start, request
@@ -12,8 +13,11 @@ headers, response headers, the response body read whole, finish), with the sidec
 - the part of the request that exists without plugins (span, W3C context, header copies),
   for scale.
 
-Under load the sidecar spends about twice these figures (caches shared with aiohttp and
-the upstream): compare with `bench/sidecar_bench.py`'s CPU µs/req.
+Under load the sidecar spends about twice these figures: between two plugged requests
+it runs the rest of the data path, and the plugins start on caches that work has
+refilled. `--evict MB` writes to every cache line of a MB-sized buffer before each
+request, outside the timed part, so each request starts that cold. Compare with
+`bench/sidecar_bench.py`'s CPU µs/req.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ async def main() -> None:
     parser.add_argument("--plugins", type=Path, default=REPO / "build/plugins")
     parser.add_argument("-n", type=int, default=3000, help="requests per round and variant")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--evict", type=int, default=0, metavar="MB",
+                        help="write a buffer this large before each request (cold caches)")
     args = parser.parse_args()
     specs = rate_limit_and_auth(args.plugins)
     if specs is None:
@@ -126,16 +132,23 @@ async def main() -> None:
     for fn in variants.values():
         for _ in range(200):
             await fn()
+    evict = bytearray(args.evict << 20)
+    lines = len(evict[::64])
     for _ in range(args.rounds):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            spent = 0.0
             for _ in range(args.n):
+                if lines:
+                    evict[::64] = bytes([spent > 0]) * lines  # every cache line written
+                t0 = time.perf_counter()
                 await fn()
-            us[name].append((time.perf_counter() - t0) / args.n * 1e6)
+                spent += time.perf_counter() - t0
+            us[name].append(spent / args.n * 1e6)
     med = {name: statistics.median(v) for name, v in us.items()}
     base = med["no plugins"]
+    cold = f", {args.evict} MB written before each" if args.evict else ""
     print(f"rate-limit + auth through PluginChain, µs per request, median of {args.rounds} "
-          f"interleaved rounds of {args.n}")
+          f"interleaved rounds of {args.n}{cold}")
     for name, value in med.items():
         print(f"  {name:16} {value:7.1f}")
     compiled, python = med["compiled driver"] - base, med["Python driver"] - base
