@@ -100,10 +100,10 @@ static PyObject *
 open_stream(PyObject *host, PyObject *info)
 {
     PyObject *vm = GETATTR(host, d_vm);
-    int live = vm == NULL ? -1 : vm == Py_None ? 0 : !attr_true(vm, d_broken);
+    int broken = vm == NULL ? -1 : vm == Py_None ? 1 : attr_true(vm, d_broken);
     Py_XDECREF(vm);
-    if (live <= 0)
-        return live < 0 ? NULL : PyObject_CallMethodOneArg(host, o_new_stream, info);
+    if (broken != 0)
+        return broken < 0 ? NULL : PyObject_CallMethodOneArg(host, o_new_stream, info);
     PyObject *id = GETATTR(host, o_next_context_id);
     PyObject *next = id ? PyNumber_Add(id, d_one) : NULL;
     PyObject *root = next ? GETATTR(host, d_root) : NULL;

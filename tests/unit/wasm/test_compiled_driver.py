@@ -314,3 +314,19 @@ async def test_a_class_changed_after_its_slots_were_read_is_read_anew(
     slot = HttpStream._skip
     monkeypatch.setattr(HttpStream, "_skip", property(lambda self: True, slot.__set__))
     assert await host.new_stream().request_headers(request("/b"), True) == CONTINUE
+
+
+async def test_an_unreadable_vm_state_is_raised_when_opening_streams(load: Any) -> None:
+    class Unreadable:
+        @property
+        def broken(self) -> bool:
+            raise RuntimeError("VM state unreadable")
+
+    host = await load(plugin())
+    vm, host.vm = host.vm, Unreadable()
+    try:
+        with pytest.raises(RuntimeError, match="VM state unreadable"):
+            stream_module.open_streams((host,), StreamInfo())
+    finally:
+        host.vm = vm
+    assert host.streams == {}
