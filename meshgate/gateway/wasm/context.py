@@ -184,7 +184,7 @@ class StreamContext(Context):
                  "reset_requested")
 
     def __init__(self, context_id: int, info: StreamInfo, root: RootContext) -> None:
-        self.foreign_call = None  # Context.__init__'s one line, without the call
+        super().__init__()
         self.id = context_id
         self.info = info
         self.root = root

@@ -163,8 +163,7 @@ class PluginHost:
     # -- streams --------------------------------------------------------------------------
     def new_stream(self, info: StreamInfo | None = None) -> HttpStream:
         """A stream context for one request. Drive it, then ``finish()`` it."""
-        vm = self.vm  # _ensure_vm's common case inline: one call less a request
-        alive = True if vm is not None and not vm.broken else self._ensure_vm()
+        alive = self._ensure_vm()
         ctx = StreamContext(self._next_context_id, info or StreamInfo(), self.root)
         self._next_context_id += 1
         self.streams[ctx.id] = ctx
