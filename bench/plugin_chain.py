@@ -1,7 +1,7 @@
 """The plugins' share of one sidecar request, as the data path drives them, without sockets.
 
 Run: .venv/bin/python bench/plugin_chain.py [--plugins build/plugins] [-n 3000] [--rounds 7]
-     [--evict MB]
+     [--evict MB] [--scatter MB] [--batch B]
 
 One request is what `DataPath` does around the upstream exchange when a listener has
 plugins: the `PluginChain` of rate-limit + auth over an aiohttp request (start, request
@@ -16,8 +16,16 @@ headers, response headers, the response body read whole, finish), with the sidec
 Under load the sidecar spends about twice these figures: between two plugged requests
 it runs the rest of the data path, and the plugins start on caches that work has
 refilled. `--evict MB` writes to every cache line of a MB-sized buffer before each
-request, outside the timed part, so each request starts that cold. Compare with
-`bench/sidecar_bench.py`'s CPU µs/req.
+request, outside the timed part, so each request starts that cold. `--scatter MB` writes
+one byte in every 4 KiB page of a MB-sized buffer before each request: that also evicts
+address translations (the TLB), which a contiguous buffer of a few MB does not and the
+loaded sidecar's other work does. Compare with `bench/sidecar_bench.py`'s CPU µs/req.
+
+`--batch B` adds a variant, in the same rounds: B requests run phase by phase (all their
+request headers, then all their response headers...) with the buffers written once per
+batch, as a data path would that gathered the requests one event-loop pass brings (about
+five under `wrk -c16`): the first request of a batch starts cold, the others find the
+plugins' code and data where the first left them.
 """
 
 from __future__ import annotations
@@ -98,6 +106,12 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--evict", type=int, default=0, metavar="MB",
                         help="write a buffer this large before each request (cold caches)")
+    parser.add_argument("--scatter", type=int, default=0, metavar="MB",
+                        help="write a byte per 4 KiB page of a buffer this large before each "
+                        "request (cold TLB)")
+    parser.add_argument("--batch", type=int, default=1, metavar="B",
+                        help="also run the compiled driver B requests at a time, phase by "
+                        "phase, the buffers written once per batch")
     args = parser.parse_args()
     specs = rate_limit_and_auth(args.plugins)
     if specs is None:
@@ -118,6 +132,26 @@ async def main() -> None:
         await through(chain, headers, request, strip_hop_by_hop(UPSTREAM_HEADERS))
         chain.finish()
 
+    async def batch_with_plugins() -> None:
+        started = [await without_plugins() for _ in range(args.batch)]
+        chains = [PluginChain.start(hosts, request, span, 1 << 20, w3c)
+                  for span, w3c, _ in started]
+        for chain, (_, _, headers) in zip(chains, started, strict=True):
+            if chain.begin_request_headers("GET", "/api/items?id=7", headers, request):
+                raise SystemExit("a plugin paused: batches assume they decide at once")
+        for chain in chains:
+            if chain.begin_response_headers(200, strip_hop_by_hop(UPSTREAM_HEADERS)):
+                raise SystemExit("a plugin paused: batches assume they decide at once")
+        for chain in chains:
+            if not isinstance(chain.begin_whole_response_body(BODY), bytes):
+                raise SystemExit("a plugin paused: batches assume they decide at once")
+        for chain in chains:
+            chain.finish()
+
+    async def without_plugins_batch() -> None:
+        for _ in range(args.batch):
+            await without_plugins()
+
     async def python_driven() -> None:
         undo = python_driver()
         try:
@@ -128,25 +162,39 @@ async def main() -> None:
     variants: dict[str, Callable[[], Awaitable[Any]]] = {
         "compiled driver": with_plugins, "Python driver": python_driven,
         "no plugins": without_plugins}
+    # How many requests one call of each variant runs.
+    size = dict.fromkeys(variants, 1)
+    if args.batch > 1:
+        batched = f"batches of {args.batch}"
+        variants[batched], size[batched] = batch_with_plugins, args.batch
+        # Its own base: the part without plugins warms across a batch too.
+        variants[f"no plugins, {batched}"] = without_plugins_batch
+        size[f"no plugins, {batched}"] = args.batch
     us: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():
         for _ in range(200):
             await fn()
     evict = bytearray(args.evict << 20)
     lines = len(evict[::64])
+    scatter = bytearray(args.scatter << 20)
+    pages = len(scatter[::4096])
     for _ in range(args.rounds):
         for name, fn in variants.items():
             spent = 0.0
-            for _ in range(args.n):
+            calls = args.n // size[name]
+            for _ in range(calls):
                 if lines:
                     evict[::64] = bytes([spent > 0]) * lines  # every cache line written
+                if pages:
+                    scatter[::4096] = bytes([spent > 0]) * pages  # every page written
                 t0 = time.perf_counter()
                 await fn()
                 spent += time.perf_counter() - t0
-            us[name].append(spent / args.n * 1e6)
+            us[name].append(spent / (calls * size[name]) * 1e6)
     med = {name: statistics.median(v) for name, v in us.items()}
     base = med["no plugins"]
     cold = f", {args.evict} MB written before each" if args.evict else ""
+    cold += f", a byte per page of {args.scatter} MB written before each" if pages else ""
     print(f"rate-limit + auth through PluginChain, µs per request, median of {args.rounds} "
           f"interleaved rounds of {args.n}{cold}")
     for name, value in med.items():
@@ -154,6 +202,11 @@ async def main() -> None:
     compiled, python = med["compiled driver"] - base, med["Python driver"] - base
     print(f"plugins' share: {compiled:.1f} µs compiled driver, {python:.1f} µs Python driver "
           f"(ratio {compiled / python:.2f})")
+    if args.batch > 1:
+        batched_share = (med[f"batches of {args.batch}"]
+                         - med[f"no plugins, batches of {args.batch}"])
+        print(f"in batches of {args.batch}: {batched_share:.1f} µs a request "
+              f"({batched_share / compiled:.2f} of one at a time)")
     for host in hosts:
         await host.close()
     services.close()
