@@ -23,9 +23,9 @@ loaded sidecar's other work does. Compare with `bench/sidecar_bench.py`'s CPU µ
 
 `--batch B` adds a variant, in the same rounds: B requests run phase by phase (all their
 request headers, then all their response headers...) with the buffers written once per
-batch, as a data path would that gathered the requests one event-loop pass brings (about
-five under `wrk -c16`): the first request of a batch starts cold, the others find the
-plugins' code and data where the first left them.
+batch, as a data path would that gathered the requests one event-loop pass brings: the
+first request of a batch starts cold, the others find the plugins' code and data where
+the first left them (decision 1800).
 """
 
 from __future__ import annotations
