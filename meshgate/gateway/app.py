@@ -109,6 +109,7 @@ class Sidecar:
         self._listeners.clear()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.pool.close()
+        self.data_path.finishing.flush()  # the plugins' closing callbacks, before the hosts close
         await self.plugins.close()
         if self._admin is not None:
             await self._admin.cleanup()

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +29,7 @@ from yarl import URL
 from meshgate.gateway.config import ConfigHolder, ListenerConfig, SidecarConfig
 from meshgate.gateway.filters import (
     BodyTooLarge,
+    FinishBatch,
     LocalReply,
     PluginChain,
     PluginReplied,
@@ -106,6 +108,7 @@ class DataPath:
         self.provider = tracer_provider or sidecar_tracer_provider()
         self.tracer = self.provider.get_tracer("meshgate.sidecar")
         self._ids = id_generator(self.provider)
+        self.finishing = FinishBatch()
 
     def handler(self, listener: str) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -186,7 +189,11 @@ class DataPath:
             return route.cluster, _reset(request)
         finally:
             if chain is not None:
-                chain.finish()
+                # The closing callbacks run after the response is out, with the other
+                # requests' of this loop pass; the snapshot (its plugin hosts) stays
+                # held until then.
+                config.inflight += 1
+                self.finishing.add(chain, partial(self.holder.release, config))
 
     def _upstream_headers(
         self, request: web.BaseRequest, w3c: tuple[str, str] | None

@@ -14,7 +14,13 @@ import pytest
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, istr
 
-from meshgate.gateway.filters import PluginChain, PluginReplied, _stream_info, _write_back
+from meshgate.gateway.filters import (
+    FinishBatch,
+    PluginChain,
+    PluginReplied,
+    _stream_info,
+    _write_back,
+)
 from meshgate.gateway.wasm import HeaderMap
 from meshgate.gateway.wasm.abi import Status
 from meshgate.gateway.wasm.context import RootContext, StreamContext
@@ -110,6 +116,41 @@ async def test_a_phase_settles_at_once_unless_a_plugin_pauses(load: Any) -> None
     await waiting
     assert headers["x-paused"] == "yes"
     paused.finish()
+
+
+async def test_finish_batch_closes_a_loop_pass_of_requests_after_it_plugin_by_plugin(
+        load: Any, caplog: Any) -> None:
+    """The data path queues each plugged request's closing callbacks: they run on the next
+    loop pass, all the queued requests' together, each plugin's for every request before
+    the next plugin's, and only then is what each request holds released."""
+    caplog.set_level(logging.INFO)
+    first = await load(plugin(on_log=log_info("m"), strings={"m": b"first"}), name="first")
+    second = await load(plugin(on_log=log_info("m"), strings={"m": b"second"}), name="second")
+    request = make_mocked_request("GET", "/a", headers={"Host": "svc"})
+    batch, released = FinishBatch(), []
+
+    def closed() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name.startswith("meshgate.plugin.")]
+
+    def started(hosts: list[Any]) -> PluginChain:
+        chain = PluginChain.start(hosts, request, None, 1024, None)
+        assert chain.begin_request_headers("GET", "/a", CIMultiDict(), request) is None
+        return chain
+
+    for i in range(3):
+        batch.add(started([first, second]), lambda i=i: released.append((i, len(closed()))))
+    assert len(batch) == 3 and closed() == [] and released == []  # not on the request's path
+    assert len(first.streams) == len(second.streams) == 3
+    await asyncio.sleep(0)  # one loop pass
+    assert closed() == ["first"] * 3 + ["second"] * 3
+    assert released == [(0, 6), (1, 6), (2, 6)]  # after every callback of the batch
+    assert len(batch) == 0 and not first.streams and not second.streams
+
+    batch.add(started([second]), lambda: None)
+    batch.flush()  # at shutdown: at once, before the hosts close
+    assert closed()[-1] == "second" and len(batch) == 0 and not second.streams
+    await asyncio.sleep(0)  # the pass scheduled by add() finds nothing left to do
+    assert closed().count("second") == 4
 
 
 EDITS = [("set", "X-A", "1"), ("add", "x-b", "2"), ("set", "x-b", "3"), ("remove", "X-C", None),
