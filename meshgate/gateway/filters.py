@@ -26,7 +26,7 @@ from meshgate.gateway.resources import UnsupportedConfig
 from meshgate.otel import WasiTracing
 
 if TYPE_CHECKING:
-    from meshgate.gateway.config import ConfigHolder
+    from meshgate.gateway.config import ConfigHolder, SidecarConfig
 
 log = logging.getLogger("meshgate.sidecar.plugins")
 
@@ -278,39 +278,38 @@ class FinishBatch:
     response is out, as Envoy runs them when a stream ends, not on the response's path.
     Under load one loop pass ends several plugged requests; their streams are finished
     plugin by plugin, so each plugin's closing code runs warm after its first request
-    (decision 1800). ``release`` runs after each chain's callbacks, so what the request
-    holds (its config snapshot, and with it the plugin hosts) outlives them.
+    (decision 1800). Each queued request holds its config snapshot (and with it the
+    plugin hosts) until its callbacks have run.
     """
 
-    __slots__ = ("_chains", "_releases")
+    __slots__ = ("_holder", "_queued")
 
-    def __init__(self) -> None:
-        self._chains: list[PluginChain] = []
-        self._releases: list[Callable[[], None]] = []
+    def __init__(self, holder: ConfigHolder) -> None:
+        self._holder = holder
+        self._queued: list[tuple[PluginChain, SidecarConfig]] = []
 
-    def add(self, chain: PluginChain, release: Callable[[], None]) -> None:
-        if not self._chains:
+    def add(self, chain: PluginChain, config: SidecarConfig) -> None:
+        config.inflight += 1  # released by flush(), after the callbacks
+        if not self._queued:
             asyncio.get_running_loop().call_soon(self.flush)
-        self._chains.append(chain)
-        self._releases.append(release)
+        self._queued.append((chain, config))
 
     def __len__(self) -> int:
-        return len(self._chains)
+        return len(self._queued)
 
     def flush(self) -> None:
         """Finish everything queued now (also before the plugin hosts close)."""
-        chains, releases = self._chains, self._releases
-        if not chains:
+        queued, self._queued = self._queued, []
+        if not queued:
             return
-        self._chains, self._releases = [], []
         try:
             # Plugin by plugin across the requests; within a request, filter order.
-            width = max(len(c.streams) for c in chains)
-            streams = [c.streams[i] for i in range(width) for c in chains if i < len(c.streams)]
-            _finish(streams)
+            width = max(len(chain.streams) for chain, _ in queued)
+            _finish([chain.streams[i] for i in range(width) for chain, _ in queued
+                     if i < len(chain.streams)])
         finally:
-            for release in releases:
-                release()
+            for _, config in queued:
+                self._holder.release(config)
 
 
 def _finish(streams: list[Any]) -> None:

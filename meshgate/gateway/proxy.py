@@ -15,7 +15,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 
 import aiohttp
 from aiohttp import web
@@ -108,7 +107,7 @@ class DataPath:
         self.provider = tracer_provider or sidecar_tracer_provider()
         self.tracer = self.provider.get_tracer("meshgate.sidecar")
         self._ids = id_generator(self.provider)
-        self.finishing = FinishBatch()
+        self.finishing = FinishBatch(holder)
 
     def handler(self, listener: str) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -190,10 +189,8 @@ class DataPath:
         finally:
             if chain is not None:
                 # The closing callbacks run after the response is out, with the other
-                # requests' of this loop pass; the snapshot (its plugin hosts) stays
-                # held until then.
-                config.inflight += 1
-                self.finishing.add(chain, partial(self.holder.release, config))
+                # requests' of this loop pass; the snapshot stays held until then.
+                self.finishing.add(chain, config)
 
     def _upstream_headers(
         self, request: web.BaseRequest, w3c: tuple[str, str] | None

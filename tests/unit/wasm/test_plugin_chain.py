@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -127,26 +128,37 @@ async def test_finish_batch_closes_a_loop_pass_of_requests_after_it_plugin_by_pl
     first = await load(plugin(on_log=log_info("m"), strings={"m": b"first"}), name="first")
     second = await load(plugin(on_log=log_info("m"), strings={"m": b"second"}), name="second")
     request = make_mocked_request("GET", "/a", headers={"Host": "svc"})
-    batch, released = FinishBatch(), []
+    released: list[tuple[int, int]] = []
 
     def closed() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name.startswith("meshgate.plugin.")]
+
+    class Holder:  # the data path's ConfigHolder, as the batch sees it
+        @staticmethod
+        def release(config: Any) -> None:
+            config.inflight -= 1
+            released.append((config.i, len(closed())))
+
+    batch = FinishBatch(Holder())  # type: ignore[arg-type]
+    configs = [SimpleNamespace(i=i, inflight=1) for i in range(3)]
 
     def started(hosts: list[Any]) -> PluginChain:
         chain = PluginChain.start(hosts, request, None, 1024, None)
         assert chain.begin_request_headers("GET", "/a", CIMultiDict(), request) is None
         return chain
 
-    for i in range(3):
-        batch.add(started([first, second]), lambda i=i: released.append((i, len(closed()))))
+    for config in configs:
+        batch.add(started([first, second]), config)
     assert len(batch) == 3 and closed() == [] and released == []  # not on the request's path
+    assert [c.inflight for c in configs] == [2, 2, 2]  # held past the request's own release
     assert len(first.streams) == len(second.streams) == 3
     await asyncio.sleep(0)  # one loop pass
     assert closed() == ["first"] * 3 + ["second"] * 3
     assert released == [(0, 6), (1, 6), (2, 6)]  # after every callback of the batch
+    assert [c.inflight for c in configs] == [1, 1, 1]
     assert len(batch) == 0 and not first.streams and not second.streams
 
-    batch.add(started([second]), lambda: None)
+    batch.add(started([second]), SimpleNamespace(i=3, inflight=1))
     batch.flush()  # at shutdown: at once, before the hosts close
     assert closed()[-1] == "second" and len(batch) == 0 and not second.streams
     await asyncio.sleep(0)  # the pass scheduled by add() finds nothing left to do
