@@ -177,8 +177,11 @@ def run(
     rounds: int = 1,
     uvloop: bool = True,
     compare: Path | None = None,
-) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]]]:
-    """The medians over the rounds per target, and each round's figures."""
+    pin: bool = False,
+) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]],
+           dict[str, tuple[float, float]]]:
+    """The medians over the rounds per target, each round's figures, and this tree's
+    plugin batches (`plugin_batches`)."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     sys.path.insert(0, str(REPO))
@@ -186,6 +189,11 @@ def run(
     from meshgate.xds.bootstrap import envoy_bootstrap
 
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
+    # Pinned: the proxies (the sidecars, Envoy) on CPU 0, everything else (wrk, the
+    # upstream, the control server: this process's children) on the others.
+    proxy_cpu = ["taskset", "-c", "0"] if pin else []
+    if pin:
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         bootstrap = envoy_bootstrap(
@@ -199,7 +207,7 @@ def run(
         (tmp / "envoy.json").write_text(json.dumps(bootstrap))
         def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str) -> int:
             return stack.enter_context(process(
-                [PY, *(["-m", "cProfile", "-o", str(prof)] if prof else []),
+                [*proxy_cpu, PY, *(["-m", "cProfile", "-o", str(prof)] if prof else []),
                  "-m", "meshgate.gateway.app", "--xds", f"127.0.0.1:{ports['xds']}",
                  "--node-id", f"{cluster}-bench", "--node-cluster", cluster,
                  "--admin-port", str(admin), "--log-level", "WARNING",
@@ -211,8 +219,8 @@ def run(
         if compare is not None:
             cmp_pid = sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log")
         stack.enter_context(process(
-            [find_envoy(), "-c", str(tmp / "envoy.json"), "--concurrency", "1", "-l", "error",
-             "--use-dynamic-base-id"], tmp / "envoy.log"))  # fmt: skip
+            [*proxy_cpu, find_envoy(), "-c", str(tmp / "envoy.json"), "--concurrency", "1",
+             "-l", "error", "--use-dynamic-base-id"], tmp / "envoy.log"))  # fmt: skip
         targets = {
             "sidecar (bare)": f"http://127.0.0.1:{ports['bare']}/",
             "sidecar (rate-limit + auth)": f"http://127.0.0.1:{ports['plugged']}/",
@@ -244,8 +252,23 @@ def run(
             name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
             for name, rs in runs.items()
         }
+        batches = plugin_batches(ports["admin"])
     shutil.rmtree(tmp, ignore_errors=True)
-    return results, runs
+    return results, runs, batches
+
+
+def plugin_batches(admin_port: int) -> dict[str, tuple[float, float]]:
+    """This tree's sidecar's `meshgate_sidecar_plugin_batch_requests` over the whole run
+    (warm-up included), by stage: (batches, mean plugged requests a batch)."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    found: dict[str, dict[str, float]] = {}
+    pattern = r'meshgate_sidecar_plugin_batch_requests_(sum|count)\{stage="(\w+)"\} (\S+)'
+    for kind, stage, value in re.findall(pattern, text):
+        found.setdefault(stage, {})[kind] = float(value)
+    return {stage: (f["count"], f["sum"] / f["count"] if f.get("count") else 0.0)
+            for stage, f in found.items()}
 
 
 def paired(runs: dict[str, list[dict[str, float]]], num: str, den: str) -> str:
@@ -267,12 +290,16 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, metavar="TREE",
                         help="also run a sidecar from another source tree (e.g. a `git "
                         "archive` of the previous commit), interleaved in the same rounds")
+    parser.add_argument("--pin", action="store_true",
+                        help="the proxies on CPU 0, wrk and the upstream on the others "
+                        "(needs 2 CPUs or more)")
     args = parser.parse_args()
-    results, runs = run(args.seconds, args.connections, args.profile, not args.no_envoy,
-                        args.rounds, not args.no_uvloop, args.compare)  # fmt: skip
+    results, runs, batches = run(args.seconds, args.connections, args.profile, not args.no_envoy,
+                        args.rounds, not args.no_uvloop, args.compare, args.pin)  # fmt: skip
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
-          f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}")  # fmt: skip
+          f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}"
+          + (", proxies pinned to CPU 0" if args.pin else ""))  # fmt: skip
     print(f"{'target':40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
           f"{'CPU µs/req':>10}")
     for name, r in results.items():
@@ -287,6 +314,8 @@ def main() -> None:
     if envoy:
         print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40; "
               f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")
+    for stage, (count, mean) in sorted(batches.items()):
+        print(f"plugin batches ({stage}): {count:.0f}, {mean:.2f} plugged requests each")
     if args.compare is not None:
         c_bare, c_plugged = rps["compare: sidecar (bare)"], rps[
             "compare: sidecar (rate-limit + auth)"]

@@ -15,6 +15,7 @@ from prometheus_client.openmetrics import exposition as openmetrics
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class SidecarMetrics:
@@ -42,6 +43,15 @@ class SidecarMetrics:
         self.config_version = Gauge(
             "meshgate_sidecar_config_version",
             "Sequence number of the applied config snapshot (0: none yet)",
+            registry=self.registry,
+        )
+        self.plugin_batches = Histogram(
+            "meshgate_sidecar_plugin_batch_requests",
+            "Plugged requests whose plugin callbacks ran together in one event-loop pass, "
+            "by stage (headers: the request- and response-header phases; finish: the "
+            "closing callbacks)",
+            ("stage",),
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
         # Label children cached by their values: `labels()` validates and hashes its
