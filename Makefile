@@ -56,6 +56,7 @@ lint: venv
 bench: setup
 	@command -v wrk >/dev/null || { echo "==> Installing wrk (Debian) for the data-plane benchmark"; \
 		apt-get update -qq && apt-get install -y -qq wrk; }
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	bash bench/run_all.sh
 
 clean:

@@ -179,7 +179,7 @@ def run(
     compare: Path | None = None,
     pin: bool = False,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]],
-           dict[str, tuple[float, float]]]:
+           tuple[float, float]]:
     """The medians over the rounds per target, each round's figures, and this tree's
     plugin batches (`plugin_batches`)."""
     if shutil.which("wrk") is None:
@@ -257,18 +257,16 @@ def run(
     return results, runs, batches
 
 
-def plugin_batches(admin_port: int) -> dict[str, tuple[float, float]]:
-    """This tree's sidecar's `meshgate_sidecar_plugin_batch_requests` over the whole run
-    (warm-up included), by stage: (batches, mean plugged requests a batch)."""
+def plugin_batches(admin_port: int) -> tuple[float, float]:
+    """This tree's sidecar's `meshgate_sidecar_plugin_finish_batch_requests` over the
+    whole run (warm-up included): (batches, mean plugged requests a batch)."""
     url = f"http://127.0.0.1:{admin_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    found: dict[str, dict[str, float]] = {}
-    pattern = r'meshgate_sidecar_plugin_batch_requests_(sum|count)\{stage="(\w+)"\} (\S+)'
-    for kind, stage, value in re.findall(pattern, text):
-        found.setdefault(stage, {})[kind] = float(value)
-    return {stage: (f["count"], f["sum"] / f["count"] if f.get("count") else 0.0)
-            for stage, f in found.items()}
+    found = dict(re.findall(r"meshgate_sidecar_plugin_finish_batch_requests_(sum|count) (\S+)",
+                            text))
+    count, total = float(found.get("count", 0)), float(found.get("sum", 0))
+    return count, total / count if count else 0.0
 
 
 def paired(runs: dict[str, list[dict[str, float]]], num: str, den: str) -> str:
@@ -314,8 +312,8 @@ def main() -> None:
     if envoy:
         print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40; "
               f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")
-    for stage, (count, mean) in sorted(batches.items()):
-        print(f"plugin batches ({stage}): {count:.0f}, {mean:.2f} plugged requests each")
+    print(f"closing callbacks batched: {batches[0]:.0f} batches, {batches[1]:.2f} plugged "
+          "requests each")
     if args.compare is not None:
         c_bare, c_plugged = rps["compare: sidecar (bare)"], rps[
             "compare: sidecar (rate-limit + auth)"]

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import types
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,8 +40,6 @@ class LocalReply:
 
 
 _WASM: Any = None
-#: A phase opened and not yet run (`PluginChain._stopped`).
-_UNRUN: Any = object()
 
 
 def _wasm() -> Any:
@@ -95,8 +92,7 @@ class PluginChain:
     body ends. Nothing is buffered unless a plugin asks.
     """
 
-    __slots__ = ("streams", "reversed_streams", "limit", "path", "status", "responded",
-                 "_phase", "_stopped")
+    __slots__ = ("streams", "reversed_streams", "limit", "path", "status", "responded")
 
     def __init__(self, streams: list[Any], limit: int) -> None:
         self.streams = streams
@@ -107,12 +103,6 @@ class PluginChain:
         self.status: int | None = None
         #: Whether the plugins have seen response headers (an upstream's, or a reply's).
         self.responded = False
-        #: The opened phase: (streams, phase, payload, end_of_stream, code, the edits'
-        #: copy back, the data path's headers), until settled.
-        self._phase: tuple[Any, ...] | None = None
-        #: Where a batch left the phase: _UNRUN, None (every plugin continued), the
-        #: (index, action) of the first that did not, or the exception it raised.
-        self._stopped: Any = _UNRUN
 
     @classmethod
     def start(
@@ -135,24 +125,24 @@ class PluginChain:
     def begin_request_headers(
         self, method: str, path: str, headers: CIMultiDict[str], request: web.BaseRequest
     ) -> Awaitable[None] | None:
-        """The request-headers phase, now: `open_request_headers`, then `settle`."""
-        self.open_request_headers(method, path, headers, request)
-        return self.settle()
+        """Run the plugins over the request headers, in filter order; edits land in
+        `headers` and `self.path`. Raises PluginReplied / StreamReset.
 
-    def open_request_headers(
-        self, method: str, path: str, headers: CIMultiDict[str], request: web.BaseRequest,
-        batch: PhaseBatch | None = None,
-    ) -> bool:
-        """Make ready the plugins' pass over the request headers, in filter order; their
-        edits land in `headers` and `self.path` when it is settled. True when `batch`
-        queued it: await `next_pass()`, then `settle()`; else `settle()` runs it."""
+        None when every plugin decided at once, the common case, with no coroutine made
+        (decision 1600); else what is left, to await.
+        """
         wasm = _WASM or _wasm()
         hmap = wasm.HeaderMap.with_pseudo([
             (":method", method), (":path", path), (":authority", request.host),
             (":scheme", request.scheme)], headers)
-        self._phase = (self.streams, wasm.REQUEST_HEADERS, hmap, not request.body_exists,
-                       None, self._request_edits, headers)
-        return batch is not None and batch.queue(self)
+        end = not request.body_exists
+        stopped = wasm.drive_phase(self.streams, 0, wasm.REQUEST_HEADERS, hmap, end, None)
+        if stopped is not None:
+            rest = self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap,
+                                       end, None)
+            return self._then(rest, self._request_edits, hmap, headers)
+        self._request_edits(hmap, headers)
+        return None
 
     def _request_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
         if hmap.edits:  # most plugins only read request headers: skip the copy back
@@ -166,56 +156,25 @@ class PluginChain:
 
     def begin_response_headers(self, status: int,
                                headers: CIMultiDict[str]) -> Awaitable[None] | None:
-        self.open_response_headers(status, headers)
-        return self.settle()
-
-    def open_response_headers(self, status: int, headers: CIMultiDict[str],
-                              batch: PhaseBatch | None = None) -> bool:
-        """As `open_request_headers`, in reverse filter order: edits land in `headers`
+        """As `begin_request_headers`, in reverse filter order: edits land in `headers`
         and `self.status`."""
         self.responded = True
         wasm = _WASM or _wasm()
         hmap = wasm.HeaderMap.with_pseudo([(":status", str(status))], headers)
-        self._phase = (self.reversed_streams, wasm.RESPONSE_HEADERS, hmap, False, status,
-                       self._response_edits, headers)
-        return batch is not None and batch.queue(self)
+        streams = self.reversed_streams
+        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_HEADERS, hmap, False, status)
+        if stopped is not None:
+            rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False,
+                                       status)
+            return self._then(rest, self._response_edits, hmap, headers)
+        self._response_edits(hmap, headers)
+        return None
 
     def _response_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
         if hmap.edits:
             new_status = hmap.get(":status")
             self.status = int(new_status) if new_status and new_status.isdigit() else None
             _write_back(hmap, headers)
-
-    def settle(self) -> Awaitable[None] | None:
-        """The opened phase's outcome, with the edits in the data path's headers. None
-        when every plugin decided at once, the common case, with no coroutine made
-        (decision 1600); else what is left, to await, which raises PluginReplied or
-        StreamReset for a reply or a reset. A phase no batch ran runs here."""
-        streams, phase, payload, end, code, after, target = self._phase
-        stopped, self._phase, self._stopped = self._stopped, None, _UNRUN
-        if stopped is _UNRUN:
-            stopped = (_WASM or _wasm()).drive_phase(streams, 0, phase, payload, end, code)
-        elif isinstance(stopped, Exception):
-            raise stopped
-        if stopped is not None:
-            rest = self._rest_of_phase(streams, stopped, phase, payload, end, code)
-            return self._then(rest, after, payload, target)
-        after(payload, target)
-        return None
-
-    def run_one(self, index: int) -> None:
-        """Plugin `index`'s callback of the opened phase, for a batch: the phase stops
-        at the first plugin that does not continue, the rest is left to `settle`."""
-        if self._stopped is not None or self._phase is None:
-            return
-        streams, phase, payload, end, code, _, _ = self._phase
-        if index >= len(streams):
-            return
-        try:
-            self._stopped = _WASM.drive_phase(streams, index, phase, payload, end, code,
-                                              index + 1)
-        except Exception as exc:  # this request's failure, raised from its own settle()
-            self._stopped = exc
 
     @staticmethod
     async def _then(rest: Awaitable[None], after: Callable[[Any, Any], None], hmap: Any,
@@ -312,62 +271,6 @@ class PluginChain:
         _finish(self.streams)
 
 
-class PhaseBatch:
-    """The header phases of the plugged requests one event-loop pass brings, run together.
-
-    Under load one pass of the loop runs several requests' handlers one after another,
-    and each used to start the plugins' code and memories cold among its own data-path
-    work (decision 1800). A request that reaches a header phase queues it here and
-    awaits `next_pass()`; the first to queue schedules `flush`, which therefore runs
-    before any of them resumes, and runs each plugin's callback for every queued
-    request before the next plugin's. A request whose plugin does not continue (a
-    pause, a reply, a reset) leaves the batch there; its own `settle` carries that out.
-    On an idle loop (nothing else ready this pass) nothing is queued: the phase runs at
-    once, so a lone request waits for no pass.
-    """
-
-    __slots__ = ("_queued", "_sizes")
-
-    def __init__(self, sizes: Any = None) -> None:
-        self._queued: list[PluginChain] = []
-        #: A histogram child observing each flush's request count (None: not exported).
-        self._sizes = sizes
-
-    def queue(self, chain: PluginChain) -> bool:
-        """Whether `chain`'s opened phase waits for the batch (False: run it now)."""
-        if not self._queued:
-            loop = asyncio.get_running_loop()
-            # asyncio's loop keeps this pass's (and the next one's) callbacks in
-            # `_ready`; a loop without it (another implementation) always batches.
-            if not getattr(loop, "_ready", True):
-                return False
-            loop.call_soon(self.flush)
-        self._queued.append(chain)
-        return True
-
-    def __len__(self) -> int:
-        return len(self._queued)
-
-    def flush(self) -> None:
-        queued, self._queued = self._queued, []
-        if not queued:
-            return
-        for chain in queued:
-            chain._stopped = None  # run by the batch, so far continuing
-        for index in range(max(len(chain.streams) for chain in queued)):
-            for chain in queued:
-                chain.run_one(index)
-        if self._sizes is not None:
-            self._sizes.observe(len(queued))
-
-
-@types.coroutine
-def next_pass() -> Generator[None, None, None]:
-    """Resume on the event loop's next pass: a bare yield, which asyncio's task
-    reschedules with `call_soon`, behind a batch's `flush` queued before it."""
-    yield
-
-
 class FinishBatch:
     """The closing callbacks of plugged requests, run together once per event-loop pass.
 
@@ -384,7 +287,8 @@ class FinishBatch:
     def __init__(self, holder: ConfigHolder, sizes: Any = None) -> None:
         self._holder = holder
         self._queued: list[tuple[PluginChain, SidecarConfig]] = []
-        self._sizes = sizes  # as PhaseBatch's
+        #: A histogram observing each flush's request count (None: not exported).
+        self._sizes = sizes
 
     def add(self, chain: PluginChain, config: SidecarConfig) -> None:
         config.inflight += 1  # released by flush(), after the callbacks

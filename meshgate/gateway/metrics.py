@@ -45,12 +45,12 @@ class SidecarMetrics:
             "Sequence number of the applied config snapshot (0: none yet)",
             registry=self.registry,
         )
+        # How many plugged requests one event-loop pass ends: under load, more than one
+        # (their closing callbacks run together, decision 1800).
         self.plugin_batches = Histogram(
-            "meshgate_sidecar_plugin_batch_requests",
-            "Plugged requests whose plugin callbacks ran together in one event-loop pass, "
-            "by stage (headers: the request- and response-header phases; finish: the "
-            "closing callbacks)",
-            ("stage",),
+            "meshgate_sidecar_plugin_finish_batch_requests",
+            "Plugged requests whose closing plugin callbacks ran together in one pass of "
+            "the event loop",
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )

@@ -30,12 +30,10 @@ from meshgate.gateway.filters import (
     BodyTooLarge,
     FinishBatch,
     LocalReply,
-    PhaseBatch,
     PluginChain,
     PluginReplied,
     StreamReset,
     next_chunk,
-    next_pass,
 )
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.resources import Endpoint, Route
@@ -109,9 +107,7 @@ class DataPath:
         self.provider = tracer_provider or sidecar_tracer_provider()
         self.tracer = self.provider.get_tracer("meshgate.sidecar")
         self._ids = id_generator(self.provider)
-        batches = metrics.plugin_batches
-        self.phases = PhaseBatch(batches.labels("headers"))
-        self.finishing = FinishBatch(holder, batches.labels("finish"))
+        self.finishing = FinishBatch(holder, metrics.plugin_batches)
 
     def handler(self, listener: str) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
@@ -223,10 +219,7 @@ class DataPath:
         request (the plugins' request phase, then the body) must be in by then."""
         path = route.rewrite(request.raw_path)
         if chain is not None:
-            if chain.open_request_headers(request.method, path, up_headers, request,
-                                          self.phases):
-                await next_pass()  # the phase runs with this loop pass's other requests'
-            rest = chain.settle()
+            rest = chain.begin_request_headers(request.method, path, up_headers, request)
             if rest is not None:
                 await _paused_plugins(rest, deadline, request)
             path = chain.path or path
@@ -294,9 +287,7 @@ class DataPath:
         headers = strip_hop_by_hop(upstream.headers)
         status = upstream.status
         if chain is not None:
-            if chain.open_response_headers(status, headers, self.phases):
-                await next_pass()
-            rest = chain.settle()
+            rest = chain.begin_response_headers(status, headers)
             if rest is not None:
                 await rest
             status = chain.status or status

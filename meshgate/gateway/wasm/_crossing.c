@@ -440,7 +440,7 @@ static PyMethodDef crossing_methods[] = {
     {"drive", (PyCFunction)(void (*)(void))drive, METH_FASTCALL,
      "drive(stream, export, size, end_of_stream, is_body): HttpStream._call, compiled."},
     {"drive_phase", (PyCFunction)(void (*)(void))drive_phase, METH_FASTCALL,
-     "drive_phase(streams, start, phase, payload, end_of_stream, code[, stop]): "
+     "drive_phase(streams, start, phase, payload, end_of_stream, code): "
      "stream.drive_phase_py, compiled."},
     {"finish_streams", (PyCFunction)finish_streams, METH_O,
      "finish_streams(streams): stream.finish_streams_py, compiled."},

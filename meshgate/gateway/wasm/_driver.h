@@ -459,19 +459,18 @@ show_phase(PyObject *ctx, long phase, PyObject *payload, PyObject *code, PyObjec
     return *size == NULL ? -1 : 0;
 }
 
-/* drive_phase(streams, start, phase, payload, end_of_stream, code[, stop]):
- * stream.drive_phase_py, compiled. */
+/* drive_phase(streams, start, phase, payload, end_of_stream, code): stream.drive_phase_py,
+ * compiled. */
 static PyObject *
 drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if ((nargs != 6 && nargs != 7) || !PyList_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "drive_phase(streams: list, start, phase, payload, "
-                                         "end_of_stream, code[, stop])");
+    if (nargs != 6 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drive_phase(streams: list, start, phase, payload, end_of_stream, code)");
         return NULL;
     }
     PyObject *streams = args[0], *payload = args[3], *eos = args[4], *code = args[5];
     Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    Py_ssize_t stop = nargs == 7 ? PyLong_AsSsize_t(args[6]) : PY_SSIZE_T_MAX;
     long phase = PyLong_AsLong(args[2]);
     if (PyErr_Occurred())
         return NULL;
@@ -481,7 +480,7 @@ drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *export = d_phase_exports[phase];
     PyObject *is_body = phase == PHASE_RESPONSE_BODY ? Py_True : Py_False;
-    for (Py_ssize_t i = start; i < PyList_GET_SIZE(streams) && i < stop; i++) {
+    for (Py_ssize_t i = start; i < PyList_GET_SIZE(streams); i++) {
         PyObject *stream = PyList_GET_ITEM(streams, i);
         Py_INCREF(stream);
         PyObject *size = NULL, *action = NULL;

@@ -292,8 +292,8 @@ REQUEST_HEADERS, RESPONSE_HEADERS, RESPONSE_BODY = 0, 1, 2
 
 
 def drive_phase_py(streams: list[HttpStream], start: int, phase: int,
-                   payload: HeaderMap | Buffer, end_of_stream: bool, code: int | None,
-                   stop: int | None = None) -> tuple[int, StreamAction | None] | None:
+                   payload: HeaderMap | Buffer, end_of_stream: bool,
+                   code: int | None) -> tuple[int, StreamAction | None] | None:
     """One phase of a request through ``streams[start:]``, in that order, as the data
     path drives it: each stream's context shows ``payload`` (the headers, or the response
     body's buffer, shared so that each plugin sees the edits of the ones before) and its
@@ -303,9 +303,8 @@ def drive_phase_py(streams: list[HttpStream], start: int, phase: int,
     ``code`` is the response's status for ``response_code``, the same for every plugin.
     One C call per phase where the compiled driver runs (decision 1400): the Python
     frames per stream and phase were a tenth of the plugins' share of a request.
-    ``stop``: run ``streams[start:stop]`` only (a batch runs one plugin at a time).
     """
-    for i in range(start, len(streams) if stop is None else min(stop, len(streams))):
+    for i in range(start, len(streams)):
         stream = streams[i]
         ctx = stream.ctx
         if phase == RESPONSE_BODY:

@@ -22,6 +22,7 @@ from meshgate.gateway.filters import (
     _stream_info,
     _write_back,
 )
+from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.wasm import HeaderMap
 from meshgate.gateway.wasm.abi import Status
 from meshgate.gateway.wasm.context import RootContext, StreamContext
@@ -139,7 +140,13 @@ async def test_finish_batch_closes_a_loop_pass_of_requests_after_it_plugin_by_pl
             config.inflight -= 1
             released.append((config.i, len(closed())))
 
-    batch = FinishBatch(Holder())  # type: ignore[arg-type]
+    metrics = SidecarMetrics()
+    batch = FinishBatch(Holder(), metrics.plugin_batches)  # type: ignore[arg-type]
+
+    def batches() -> tuple[float | None, float | None]:  # (count, sum) on /metrics
+        name = "meshgate_sidecar_plugin_finish_batch_requests"
+        return (metrics.registry.get_sample_value(f"{name}_count"),
+                metrics.registry.get_sample_value(f"{name}_sum"))
     configs = [SimpleNamespace(i=i, inflight=1) for i in range(3)]
 
     def started(hosts: list[Any]) -> PluginChain:
@@ -157,12 +164,14 @@ async def test_finish_batch_closes_a_loop_pass_of_requests_after_it_plugin_by_pl
     assert released == [(0, 6), (1, 6), (2, 6)]  # after every callback of the batch
     assert [c.inflight for c in configs] == [1, 1, 1]
     assert len(batch) == 0 and not first.streams and not second.streams
+    assert batches() == (1, 3)
 
     batch.add(started([second]), SimpleNamespace(i=3, inflight=1))
     batch.flush()  # at shutdown: at once, before the hosts close
     assert closed()[-1] == "second" and len(batch) == 0 and not second.streams
     await asyncio.sleep(0)  # the pass scheduled by add() finds nothing left to do
     assert closed().count("second") == 4
+    assert batches() == (2, 4)  # the empty pass is no batch
 
 
 EDITS = [("set", "X-A", "1"), ("add", "x-b", "2"), ("set", "x-b", "3"), ("remove", "X-C", None),

@@ -1,0 +1,159 @@
+"""Where a loaded sidecar's CPU goes, sampled: the plugins' share of a plugged request
+by attribution, beside the share `bench/sidecar_bench.py` gets by subtraction.
+
+Run: .venv/bin/python bench/sidecar_profile.py [--seconds 5] [--rounds 2] [--pin]
+(needs wrk and py-spy: `.venv/bin/pip install -e '.[bench]'`; py-spy reads the
+sidecar's memory, so it needs ptrace rights over it, which root has).
+
+The control server, the upstream and the sidecar start as in `bench/sidecar_bench.py`.
+For each listener, bare and with rate-limit + auth, in interleaved rounds, `wrk -c16`
+loads it and `py-spy record --nonblocking` samples the sidecar's Python stacks for
+`--seconds`, skipping idle threads. A sample is a moment the process was on a CPU; its
+weight in µs a request is (1 / rate) over wrk's requests in the window.
+
+The plugin path is every sample with a frame of the plugin chain (`PluginChain`, the
+closing batch, the stream info and the header copy-back in `gateway/filters.py`) or of
+the proxy-wasm host (`gateway/wasm/`): the callbacks into wasm, the host functions,
+the data path's work for the plugins. Native code (the compiled crossings, wasmtime,
+the guests) counts in the Python frame that called it.
+
+Subtracting the bare request's CPU from the plugged one's also counts what is not the
+plugins' code but differs between the two loads: the kernel's share of socket writes,
+epoll and the loop's passes change with the request rate. The attributed share does not
+see those; both are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sidecar_bench import API_KEY, PY, REPO, process, start_mesh, wait_ok  # noqa: E402
+
+RATE = 1000  # samples a second
+PLUGIN_FRAME = re.compile(
+    r"\((meshgate/gateway/wasm/|meshgate/gateway/filters\.py)"
+    r"|^(PluginChain\.|FinishBatch\.|_finish |_stream_info |_write_back )")
+
+
+def py_spy() -> str:
+    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(found).is_file():
+        raise SystemExit("py-spy not found: .venv/bin/pip install -e '.[bench]'")
+    return found
+
+
+def sample(pid: int, url: str, seconds: int, out: Path) -> float:
+    """Sample the sidecar under wrk's load; wrk's requests in the sampled window."""
+    wrk = subprocess.Popen(
+        ["wrk", "-t1", "-c16", f"-d{seconds + 2}s", "-H", f"x-api-key: {API_KEY}", url],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1)
+    subprocess.run([py_spy(), "record", "--nonblocking", "-r", str(RATE), "-d", str(seconds),
+                    "-f", "raw", "-o", str(out), "-p", str(pid)],
+                   capture_output=True, check=True)  # fmt: skip
+    text = wrk.communicate(timeout=seconds + 60)[0]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
+    return rps * seconds
+
+
+def frames(line: str) -> tuple[list[str], int]:
+    stack, count = line.rsplit(" ", 1)
+    # Paths from the package: `(.../site-packages/aiohttp/x.py:1)` → `(aiohttp/x.py:1)`.
+    stack = stack.replace(f"({REPO}/", "(")
+    return [re.sub(r"\(/\S*?/(site-packages|python3\.\d+)/", "(", f)
+            for f in stack.split(";")], int(count)
+
+
+def attribute(dump: Path) -> tuple[float, float, collections.Counter[str]]:
+    """(all samples, plugin-path samples, plugin-path samples by its outermost frame)."""
+    total = plugin = 0
+    outer: collections.Counter[str] = collections.Counter()
+    for line in dump.read_text().splitlines():
+        names, count = frames(line)
+        total += count
+        hit = next((f for f in names if PLUGIN_FRAME.search(f)), None)
+        if hit is not None:
+            plugin += count
+            outer[re.sub(r":\d+\)$", ")", hit)] += count
+    return total, plugin, outer
+
+
+Round = tuple[float, float, collections.Counter[str]]
+
+
+def run(seconds: int, rounds: int, pin: bool) -> dict[str, list[Round]]:
+    """Per listener, each round's (µs a request sampled, of it on the plugin path, by frame)."""
+    tmp = Path(tempfile.mkdtemp(prefix="meshgate-profile-"))
+    if pin:
+        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
+    results: dict[str, list[Round]] = {"bare": [], "plugged": []}
+    with contextlib.ExitStack() as stack:
+        ports = start_mesh(stack, tmp)
+        sidecar = stack.enter_context(process(
+            [*(["taskset", "-c", "0"] if pin else []), PY, "-m", "meshgate.gateway.app",
+             "--xds", f"127.0.0.1:{ports['xds']}", "--node-id", "profile-bench",
+             "--node-cluster", "meshgate-sidecar", "--admin-port", str(ports["admin"]),
+             "--log-level", "WARNING"], tmp / "sidecar.log", REPO))  # fmt: skip
+        urls = {name: f"http://127.0.0.1:{ports[name]}/" for name in results}
+        for url in urls.values():
+            wait_ok(url, 120)
+            sample(sidecar.pid, url, 2, tmp / "warm.txt")
+        for r in range(rounds):
+            for name, url in urls.items():
+                dump = tmp / f"{name}{r}.txt"
+                requests = sample(sidecar.pid, url, seconds, dump)
+                total, plugin, outer = attribute(dump)
+                per = 1e6 / RATE / requests
+                results[name].append((total * per, plugin * per,
+                                      collections.Counter({k: v * per for k, v in outer.items()})))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pin", action="store_true",
+                        help="the sidecar on CPU 0, wrk and the upstream on the others")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get install wrk")
+    results = run(args.seconds, args.rounds, args.pin)
+    bare = statistics.median(t for t, _, _ in results["bare"])
+    plugged = statistics.median(t for t, _, _ in results["plugged"])
+    plugin = statistics.median(p for _, p, _ in results["plugged"])
+    print(f"py-spy at {RATE} Hz, wrk -t1 -c16, {args.seconds} s a sample, median of "
+          f"{args.rounds} interleaved round(s)" + (", sidecar pinned to CPU 0" if args.pin else ""))
+    print(f"sampled CPU µs a request: bare {bare:.0f}, rate-limit + auth {plugged:.0f}")
+    print(f"  per round: bare {[round(t) for t, _, _ in results['bare']]}, "
+          f"plugged {[round(t) for t, _, _ in results['plugged']]}")
+    per_round = [round(p, 1) for _, p, _ in results["plugged"]]
+    print(f"plugins, attributed: {plugin:.1f} µs a plugged request, {plugin / bare:.1%} of a "
+          f"bare request (target <= 20 %; per round {per_round})")
+    extra = plugged - bare
+    print(f"plugins, by subtraction: {extra:.1f} µs, {extra / bare:.1%} of bare")
+    print(f"stray plugin-path samples on the bare listener: "
+          f"{statistics.median(p for _, p, _ in results['bare']):.1f} µs a request")
+    summed: collections.Counter[str] = collections.Counter()
+    for _, _, outer in results["plugged"]:
+        summed.update(outer)
+    print("plugin path by its outermost frame, µs a plugged request (mean of the rounds):")
+    for name, us in summed.most_common(12):
+        print(f"  {us / len(results['plugged']):6.1f}  {name}")
+
+
+if __name__ == "__main__":
+    main()
