@@ -24,7 +24,7 @@ setup: venv opa rust-target plugins
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py meshgate/gateway/wasm/_crossing.c meshgate/gateway/wasm/_fastpaths.h meshgate/gateway/wasm/_driver.h meshgate/gateway/wasm/_attrs.h
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard meshgate/gateway/wasm/*.c meshgate/gateway/wasm/*.h)
 	@echo "==> Python virtual environment with meshgate (editable, its C crossings compiled), Envoy 1.40 wheel, test tools"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip

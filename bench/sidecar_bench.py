@@ -127,12 +127,19 @@ def wait_ok(url: str, timeout: float = 60.0) -> None:
     raise SystemExit(f"{url} never answered 200")
 
 
+def wrk_args(url: str, seconds: int, connections: int) -> list[str]:
+    return ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
+            "-H", f"x-api-key: {API_KEY}", url]  # fmt: skip
+
+
 def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-         "-H", f"x-api-key: {API_KEY}", url],
-        capture_output=True, text=True, timeout=seconds + 60, check=True,
-    ).stdout  # fmt: skip
+    out = subprocess.run(wrk_args(url, seconds, connections), capture_output=True, text=True,
+                         timeout=seconds + 60, check=True).stdout
+    return wrk_figures(out)
+
+
+def wrk_figures(out: str) -> dict[str, float]:
+    """wrk's report (with `--latency`) as req/s, p50 and p99 ms, non-2xx and requests."""
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = float(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -143,6 +150,23 @@ def wrk(url: str, seconds: int, connections: int) -> dict[str, float]:
 
     return {"rps": rps, "p50_ms": pct("50"), "p99_ms": pct("99"),
             "non_2xx": float(errors.group(1)) if errors else 0.0, "requests": total}  # fmt: skip
+
+
+def sidecar_args(xds_port: int, admin_port: int, node_id: str,
+                 cluster: str = "meshgate-sidecar") -> list[str]:
+    """A sidecar's command line after the interpreter."""
+    return ["-m", "meshgate.gateway.app", "--xds", f"127.0.0.1:{xds_port}",
+            "--node-id", node_id, "--node-cluster", cluster, "--admin-port", str(admin_port),
+            "--log-level", "WARNING"]  # fmt: skip
+
+
+def pinned_proxies(pin: bool) -> list[str]:
+    """With `pin`, this process (and so what it starts from now on: wrk, the upstream, the
+    control server) leaves CPU 0, and the answer is the prefix that starts a proxy on it."""
+    if not pin:
+        return []
+    os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
+    return ["taskset", "-c", "0"]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -189,11 +213,7 @@ def run(
     from meshgate.xds.bootstrap import envoy_bootstrap
 
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
-    # Pinned: the proxies (the sidecars, Envoy) on CPU 0, everything else (wrk, the
-    # upstream, the control server: this process's children) on the others.
-    proxy_cpu = ["taskset", "-c", "0"] if pin else []
-    if pin:
-        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
+    proxy_cpu = pinned_proxies(pin)
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         bootstrap = envoy_bootstrap(
@@ -208,9 +228,7 @@ def run(
         def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str) -> int:
             return stack.enter_context(process(
                 [*proxy_cpu, PY, *(["-m", "cProfile", "-o", str(prof)] if prof else []),
-                 "-m", "meshgate.gateway.app", "--xds", f"127.0.0.1:{ports['xds']}",
-                 "--node-id", f"{cluster}-bench", "--node-cluster", cluster,
-                 "--admin-port", str(admin), "--log-level", "WARNING",
+                 *sidecar_args(ports["xds"], admin, f"{cluster}-bench", cluster),
                  *([] if uvloop else ["--no-uvloop"])],
                 tmp / log, tree)).pid  # fmt: skip
 

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sidecar_bench import PY, process, start_mesh, wait_ok, wrk
+from sidecar_bench import PY, process, sidecar_args, start_mesh, wait_ok, wrk
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("bare", "plugged")
@@ -61,10 +61,8 @@ def main() -> None:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(
             ["valgrind", "--tool=callgrind", "--smc-check=all-non-file",
-             f"--callgrind-out-file={tmp}/callgrind.%p", PY, "-m", "meshgate.gateway.app",
-             "--xds", f"127.0.0.1:{ports['xds']}", "--node-id", "instructions-bench",
-             "--node-cluster", "meshgate-sidecar", "--admin-port", str(ports["admin"]),
-             "--log-level", "WARNING"],
+             f"--callgrind-out-file={tmp}/callgrind.%p", PY,
+             *sidecar_args(ports["xds"], ports["admin"], "instructions-bench")],
             tmp / "sidecar.log"))  # fmt: skip
         for target in TARGETS:
             wait_ok(f"http://127.0.0.1:{ports[target]}/", timeout=300)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import os
 import re
 import shutil
 import statistics
@@ -39,7 +38,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sidecar_bench import API_KEY, PY, REPO, process, start_mesh, wait_ok  # noqa: E402
+from sidecar_bench import (  # noqa: E402
+    PY,
+    REPO,
+    pinned_proxies,
+    process,
+    sidecar_args,
+    start_mesh,
+    wait_ok,
+    wrk_args,
+    wrk_figures,
+)
 
 RATE = 1000  # samples a second
 PLUGIN_FRAME = re.compile(
@@ -56,16 +65,12 @@ def py_spy() -> str:
 
 def sample(pid: int, url: str, seconds: int, out: Path) -> float:
     """Sample the sidecar under wrk's load; wrk's requests in the sampled window."""
-    wrk = subprocess.Popen(
-        ["wrk", "-t1", "-c16", f"-d{seconds + 2}s", "-H", f"x-api-key: {API_KEY}", url],
-        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    wrk = subprocess.Popen(wrk_args(url, seconds + 2, 16), stdout=subprocess.PIPE, text=True)
     time.sleep(1)
     subprocess.run([py_spy(), "record", "--nonblocking", "-r", str(RATE), "-d", str(seconds),
                     "-f", "raw", "-o", str(out), "-p", str(pid)],
                    capture_output=True, check=True)  # fmt: skip
-    text = wrk.communicate(timeout=seconds + 60)[0]
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
-    return rps * seconds
+    return wrk_figures(wrk.communicate(timeout=seconds + 60)[0])["rps"] * seconds
 
 
 def frames(line: str) -> tuple[list[str], int]:
@@ -96,16 +101,13 @@ Round = tuple[float, float, collections.Counter[str]]
 def run(seconds: int, rounds: int, pin: bool) -> dict[str, list[Round]]:
     """Per listener, each round's (µs a request sampled, of it on the plugin path, by frame)."""
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-profile-"))
-    if pin:
-        os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
+    proxy_cpu = pinned_proxies(pin)
     results: dict[str, list[Round]] = {"bare": [], "plugged": []}
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(
-            [*(["taskset", "-c", "0"] if pin else []), PY, "-m", "meshgate.gateway.app",
-             "--xds", f"127.0.0.1:{ports['xds']}", "--node-id", "profile-bench",
-             "--node-cluster", "meshgate-sidecar", "--admin-port", str(ports["admin"]),
-             "--log-level", "WARNING"], tmp / "sidecar.log", REPO))  # fmt: skip
+            [*proxy_cpu, PY, *sidecar_args(ports["xds"], ports["admin"], "profile-bench")],
+            tmp / "sidecar.log", REPO))
         urls = {name: f"http://127.0.0.1:{ports[name]}/" for name in results}
         for url in urls.values():
             wait_ok(url, 120)

@@ -47,7 +47,7 @@ class SidecarMetrics:
         )
         # How many plugged requests one event-loop pass ends: under load, more than one
         # (their closing callbacks run together, decision 1800).
-        self.plugin_batches = Histogram(
+        self.plugin_finish_batches = Histogram(
             "meshgate_sidecar_plugin_finish_batch_requests",
             "Plugged requests whose closing plugin callbacks ran together in one pass of "
             "the event loop",

@@ -107,7 +107,7 @@ class DataPath:
         self.provider = tracer_provider or sidecar_tracer_provider()
         self.tracer = self.provider.get_tracer("meshgate.sidecar")
         self._ids = id_generator(self.provider)
-        self.finishing = FinishBatch(holder, metrics.plugin_batches)
+        self.finishing = FinishBatch(holder, metrics.plugin_finish_batches)
 
     def handler(self, listener: str) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
         async def handle(request: web.BaseRequest) -> web.StreamResponse:

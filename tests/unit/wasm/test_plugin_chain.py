@@ -141,7 +141,7 @@ async def test_finish_batch_closes_a_loop_pass_of_requests_after_it_plugin_by_pl
             released.append((config.i, len(closed())))
 
     metrics = SidecarMetrics()
-    batch = FinishBatch(Holder(), metrics.plugin_batches)  # type: ignore[arg-type]
+    batch = FinishBatch(Holder(), metrics.plugin_finish_batches)  # type: ignore[arg-type]
 
     def batches() -> tuple[float | None, float | None]:  # (count, sum) on /metrics
         name = "meshgate_sidecar_plugin_finish_batch_requests"
