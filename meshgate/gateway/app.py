@@ -20,6 +20,7 @@ from opentelemetry import trace
 
 from meshgate.gateway import resources as res
 from meshgate.gateway.admin import admin_app
+from meshgate.gateway.collector import DEFAULT_YOUNG_THRESHOLD, CollectorWatch
 from meshgate.gateway.config import ConfigHolder, Incomplete, SidecarConfig, assemble
 from meshgate.gateway.downstream import HeaderTimedServer
 from meshgate.gateway.filters import PluginLoader, close_hosts
@@ -47,6 +48,8 @@ class SidecarOptions:
     max_request_header_bytes: int = 60 * 1024
     data_path: DataPathSettings = field(default_factory=DataPathSettings)
     tracer_provider: trace.TracerProvider | None = None  # None: see sidecar_tracer_provider
+    # Python's young-generation gc threshold while the sidecar runs (0: the interpreter's).
+    gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD
 
 
 @dataclass
@@ -59,6 +62,7 @@ class Sidecar:
     def __init__(self, options: SidecarOptions) -> None:
         self.options = options
         self.metrics = SidecarMetrics()
+        self.collector = CollectorWatch(self.metrics.registry, options.gc_young_threshold)
         self.holder = ConfigHolder()
         self.pool = SessionPool()
         provider = options.tracer_provider or sidecar_tracer_provider()
@@ -86,6 +90,7 @@ class Sidecar:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
+        self.collector.install()
         self._admin = web.AppRunner(admin_app(self, self.metrics), access_log=None)
         await self._admin.setup()
         site = web.TCPSite(self._admin, self.options.admin_host, self.options.admin_port)
@@ -113,6 +118,7 @@ class Sidecar:
         await self.plugins.close()
         if self._admin is not None:
             await self._admin.cleanup()
+        self.collector.close()
 
     @property
     def ready(self) -> bool:
@@ -237,6 +243,7 @@ async def run_sidecar(
     admin_port: int = 15000,
     delta: bool = True,
     drain_timeout_s: float = 10.0,
+    gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD,
 ) -> None:
     """Run a sidecar until SIGTERM or SIGINT, then drain and return."""
     sidecar = Sidecar(
@@ -248,6 +255,7 @@ async def run_sidecar(
             admin_host=admin_host,
             admin_port=admin_port,
             drain_timeout_s=drain_timeout_s,
+            gc_young_threshold=gc_young_threshold,
         )
     )
     stop = asyncio.Event()
@@ -272,6 +280,18 @@ def install_uvloop() -> bool:
     return True
 
 
+def _count(text: str) -> int:
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m meshgate.gateway.app --xds 127.0.0.1:18000 --node-id sidecar-0`."""
     import argparse
@@ -286,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=10.0)
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--no-uvloop", action="store_true", help="asyncio's own event loop")
+    parser.add_argument("--gc-young-threshold", type=_count, default=DEFAULT_YOUNG_THRESHOLD,
+                        help="Python's young-generation gc threshold (0: the interpreter's, 700)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -301,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             admin_port=args.admin_port,
             delta=not args.sotw,
             drain_timeout_s=args.drain_timeout,
+            gc_young_threshold=args.gc_young_threshold,
         )
     )
     return 0

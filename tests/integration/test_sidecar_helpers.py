@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from meshgate.gateway.app import Sidecar, SidecarOptions
+from meshgate.gateway.collector import DEFAULT_YOUNG_THRESHOLD
 from meshgate.gateway.proxy import DataPathSettings
 from tests.support.ports import free_port
 from tests.support.stack import Stack
@@ -109,7 +110,8 @@ async def start_stack(tmp_path: Path, config: dict[str, Any]) -> Stack:
 
 @asynccontextmanager
 async def running_sidecar(
-    stack: Stack, *, delta: bool = True, node_id: str = "sidecar-0", **settings: Any
+    stack: Stack, *, delta: bool = True, node_id: str = "sidecar-0",
+    gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD, **settings: Any
 ) -> AsyncIterator[Sidecar]:
     options = SidecarOptions(
         xds_target=f"127.0.0.1:{stack.xds_port}",
@@ -119,6 +121,7 @@ async def running_sidecar(
         admin_port=0,
         drain_timeout_s=5.0,
         data_path=DataPathSettings(**settings),
+        gc_young_threshold=gc_young_threshold,
     )
     sidecar = Sidecar(options)
     await sidecar.start()
