@@ -6,7 +6,9 @@ Starts meshgate's control server, one aiohttp upstream, the sidecar (one process
 event loop) and Envoy (`--concurrency 1`), all fed by the same control server and the
 same plugins (rate-limit with a limit no run reaches, and auth with an API key), then
 drives each with `wrk -t1` (from Debian: `apt-get install wrk`) and prints requests/s,
-p50/p99 and the ratios the sidecar is held to. Not a test: numbers vary with the load
+p50/p99 and the ratios the sidecar is held to. For the sidecars, also their CPU per
+request and, from their /metrics, the garbage collections in each round: the pause a
+request and the collections per 1,000 requests. Not a test: numbers vary with the load
 the machine has; the ratios compare runs made minutes apart on the same machine.
 """
 
@@ -202,6 +204,7 @@ def run(
     uvloop: bool = True,
     compare: Path | None = None,
     pin: bool = False,
+    gc_young_threshold: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]],
            tuple[float, float]]:
     """The medians over the rounds per target, each round's figures, and this tree's
@@ -225,17 +228,22 @@ def run(
             delta=False,
         )
         (tmp / "envoy.json").write_text(json.dumps(bootstrap))
-        def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str) -> int:
+        def sidecar(cluster: str, admin: int, tree: Path, prof: Path | None, log: str,
+                    extra: list[str]) -> int:
             return stack.enter_context(process(
                 [*proxy_cpu, PY, *(["-m", "cProfile", "-o", str(prof)] if prof else []),
                  *sidecar_args(ports["xds"], admin, f"{cluster}-bench", cluster),
-                 *([] if uvloop else ["--no-uvloop"])],
+                 *([] if uvloop else ["--no-uvloop"]), *extra],
                 tmp / log, tree)).pid  # fmt: skip
 
-        main_pid = sidecar("meshgate-sidecar", ports["admin"], REPO, profile, "sidecar.log")
+        threshold = ([] if gc_young_threshold is None
+                     else ["--gc-young-threshold", str(gc_young_threshold)])
+        main_pid = sidecar("meshgate-sidecar", ports["admin"], REPO, profile, "sidecar.log",
+                           threshold)
         cmp_pid = 0
         if compare is not None:
-            cmp_pid = sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log")
+            cmp_pid = sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log",
+                              [])
         stack.enter_context(process(
             [*proxy_cpu, find_envoy(), "-c", str(tmp / "envoy.json"), "--concurrency", "1",
              "-l", "error", "--use-dynamic-base-id"], tmp / "envoy.log"))  # fmt: skip
@@ -260,11 +268,14 @@ def run(
         for _ in range(rounds):
             for name, url in targets.items():
                 pid = cmp_pid if name.startswith("compare") else main_pid
+                admin = ports["cmp_admin"] if name.startswith("compare") else ports["admin"]
                 cpu0 = cpu_seconds(pid) if "sidecar" in name else 0.0
+                gc0 = gc_totals(admin) if "sidecar" in name else None
                 r = wrk(url, seconds, connections)
                 # The sidecar process's CPU per request (all its threads), in µs.
                 r["cpu_us"] = ((cpu_seconds(pid) - cpu0) / r["requests"] * 1e6
                                if "sidecar" in name else float("nan"))
+                r["gc_us"], r["gc_per_k"] = gc_per_request(gc0, admin, r["requests"])
                 runs[name].append(r)
         results = {
             name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
@@ -287,6 +298,28 @@ def plugin_batches(admin_port: int) -> tuple[float, float]:
     return count, total / count if count else 0.0
 
 
+def gc_totals(admin_port: int) -> tuple[float, float] | None:
+    """The sidecar's garbage collections and seconds spent in them so far, all
+    generations (None: a sidecar that does not export them, e.g. an older tree's)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    counts = re.findall(r"meshgate_sidecar_gc_collections_total\{[^}]*\} (\S+)", text)
+    pauses = re.findall(r"meshgate_sidecar_gc_pause_seconds_total\{[^}]*\} (\S+)", text)
+    if not counts:
+        return None
+    return sum(map(float, counts)), sum(map(float, pauses))
+
+
+def gc_per_request(before: tuple[float, float] | None, admin_port: int,
+                   requests: float) -> tuple[float, float]:
+    """(µs of gc pause a request, collections per 1,000 requests) since `before`."""
+    after = gc_totals(admin_port) if before is not None else None
+    if before is None or after is None:
+        return float("nan"), float("nan")
+    return ((after[1] - before[1]) / requests * 1e6,
+            (after[0] - before[0]) / requests * 1000)
+
+
 def paired(runs: dict[str, list[dict[str, float]]], num: str, den: str) -> str:
     """The req/s ratio of two targets within each round (measured a few seconds apart,
     so less exposed to the machine's drift than a ratio of medians): median and range."""
@@ -306,21 +339,24 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, metavar="TREE",
                         help="also run a sidecar from another source tree (e.g. a `git "
                         "archive` of the previous commit), interleaved in the same rounds")
+    parser.add_argument("--gc-young-threshold", type=int, metavar="N",
+                        help="this tree's sidecar's --gc-young-threshold (default: its own)")
     parser.add_argument("--pin", action="store_true",
                         help="the proxies on CPU 0, wrk and the upstream on the others "
                         "(needs 2 CPUs or more)")
     args = parser.parse_args()
     results, runs, batches = run(args.seconds, args.connections, args.profile, not args.no_envoy,
-                        args.rounds, not args.no_uvloop, args.compare, args.pin)  # fmt: skip
+                        args.rounds, not args.no_uvloop, args.compare, args.pin,
+                        args.gc_young_threshold)  # fmt: skip
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
           f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}"
           + (", proxies pinned to CPU 0" if args.pin else ""))  # fmt: skip
     print(f"{'target':40} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'non-2xx':>8} "
-          f"{'CPU µs/req':>10}")
+          f"{'CPU µs/req':>10} {'GC µs/req':>9} {'GC/1k req':>9}")
     for name, r in results.items():
         print(f"{name:40} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-              f"{r['non_2xx']:8.0f} {r['cpu_us']:10.0f}")
+              f"{r['non_2xx']:8.0f} {r['cpu_us']:10.0f} {r['gc_us']:9.1f} {r['gc_per_k']:9.1f}")
     rps = {name: r["rps"] for name, r in results.items()}
     bare, plugged = rps["sidecar (bare)"], rps["sidecar (rate-limit + auth)"]
     envoy = rps.get("envoy 1 worker (rate-limit + auth)")

@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--no-uvloop", action="store_true", help="asyncio's own event loop")
     parser.add_argument("--gc-young-threshold", type=_count, default=DEFAULT_YOUNG_THRESHOLD,
-                        help="Python's young-generation gc threshold (0: the interpreter's, 700)")
+                        help="Python's young-generation gc threshold (default 0: the "
+                        "interpreter's, 700)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
