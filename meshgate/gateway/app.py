@@ -8,6 +8,7 @@ client NACKs it with that message.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import logging
@@ -281,8 +282,6 @@ def install_uvloop() -> bool:
 
 
 def _count(text: str) -> int:
-    import argparse
-
     try:
         value = int(text)
     except ValueError:
@@ -294,8 +293,6 @@ def _count(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m meshgate.gateway.app --xds 127.0.0.1:18000 --node-id sidecar-0`."""
-    import argparse
-
     parser = argparse.ArgumentParser(prog="meshgate sidecar", description=main.__doc__)
     parser.add_argument("--xds", required=True, help="control server ADS address, host:port")
     parser.add_argument("--node-id", required=True)

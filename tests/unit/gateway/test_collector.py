@@ -72,3 +72,16 @@ def test_collections_and_their_pauses_reach_metrics_by_generation(
     assert pauses["2"] > 0
     gc.collect(2)  # closed: no longer counted
     assert scraped(metrics, "meshgate_sidecar_gc_collections")["2"] == after["2"]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("-1", "must be 0 or more, not -1"), ("1e3", "not a whole number: '1e3'")])
+def test_the_sidecar_command_refuses_a_bad_threshold_by_name(
+    value: str, message: str, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from meshgate.gateway.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--xds", "127.0.0.1:1", "--node-id", "n", "--gc-young-threshold", value])
+    assert exit_info.value.code == 2
+    assert f"argument --gc-young-threshold: {message}" in capsys.readouterr().err
