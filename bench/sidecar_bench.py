@@ -269,12 +269,13 @@ def run(
             for name, url in targets.items():
                 pid = cmp_pid if name.startswith("compare") else main_pid
                 admin = ports["cmp_admin"] if name.startswith("compare") else ports["admin"]
-                cpu0 = cpu_seconds(pid) if "sidecar" in name else 0.0
-                gc0 = gc_totals(admin) if "sidecar" in name else None
+                sidecar_target = "sidecar" in name
+                cpu0 = cpu_seconds(pid) if sidecar_target else 0.0
+                gc0 = gc_totals(admin) if sidecar_target else None
                 r = wrk(url, seconds, connections)
                 # The sidecar process's CPU per request (all its threads), in µs.
                 r["cpu_us"] = ((cpu_seconds(pid) - cpu0) / r["requests"] * 1e6
-                               if "sidecar" in name else float("nan"))
+                               if sidecar_target else float("nan"))
                 r["gc_us"], r["gc_per_k"] = gc_per_request(gc0, admin, r["requests"])
                 runs[name].append(r)
         results = {
@@ -286,12 +287,16 @@ def run(
     return results, runs, batches
 
 
+def scrape(admin_port: int) -> str:
+    """A sidecar's /metrics, in the classic text format."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
 def plugin_batches(admin_port: int) -> tuple[float, float]:
     """This tree's sidecar's `meshgate_sidecar_plugin_finish_batch_requests` over the
     whole run (warm-up included): (batches, mean plugged requests a batch)."""
-    url = f"http://127.0.0.1:{admin_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
+    text = scrape(admin_port)
     found = dict(re.findall(r"meshgate_sidecar_plugin_finish_batch_requests_(sum|count) (\S+)",
                             text))
     count, total = float(found.get("count", 0)), float(found.get("sum", 0))
@@ -301,8 +306,7 @@ def plugin_batches(admin_port: int) -> tuple[float, float]:
 def gc_totals(admin_port: int) -> tuple[float, float] | None:
     """The sidecar's garbage collections and seconds spent in them so far, all
     generations (None: a sidecar that does not export them, e.g. an older tree's)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    text = scrape(admin_port)
     counts = re.findall(r"meshgate_sidecar_gc_collections_total\{[^}]*\} (\S+)", text)
     pauses = re.findall(r"meshgate_sidecar_gc_pause_seconds_total\{[^}]*\} (\S+)", text)
     if not counts:
