@@ -4,6 +4,7 @@ cannot blur.
 
 Run: .venv/bin/python bench/sidecar_instructions.py [--seconds 8] [--rounds 2]
      .venv/bin/python bench/sidecar_instructions.py --cache-sim [--connections 16]
+                                                    [--gc-young-threshold N]
 
 The control server, the upstream and the sidecar start as in `bench/sidecar_bench.py`,
 the sidecar under `valgrind --tool=callgrind`. For each target, in interleaved rounds,
@@ -134,6 +135,8 @@ def main() -> None:
                         help="also simulate this machine's L1 and L2 caches")
     parser.add_argument("--connections", type=int, default=None,
                         help="wrk's connections (default 1, with --cache-sim 16)")
+    parser.add_argument("--gc-young-threshold", type=int, default=None, metavar="N",
+                        help="the sidecar's --gc-young-threshold (default: its own)")
     args = parser.parse_args()
     connections = args.connections or (16 if args.cache_sim else 1)
     for tool in ("valgrind", "callgrind_control", "wrk"):
@@ -144,12 +147,14 @@ def main() -> None:
     figures: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
     objects: dict[str, list[dict[str, dict[str, float]]]] = {t: [] for t in TARGETS}
     cache = ["--cache-sim=yes", *CACHES] if args.cache_sim else []
+    threshold = ([] if args.gc_young_threshold is None
+                 else ["--gc-young-threshold", str(args.gc_young_threshold)])
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(
             ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", *cache,
              f"--callgrind-out-file={tmp}/callgrind.%p", PY,
-             *sidecar_args(ports["xds"], ports["admin"], "instructions-bench")],
+             *sidecar_args(ports["xds"], ports["admin"], "instructions-bench"), *threshold],
             tmp / "sidecar.log"))  # fmt: skip
         for target in TARGETS:
             wait_ok(f"http://127.0.0.1:{ports[target]}/", timeout=300)
