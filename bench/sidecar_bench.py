@@ -162,6 +162,13 @@ def sidecar_args(xds_port: int, admin_port: int, node_id: str,
             "--log-level", "WARNING"]  # fmt: skip
 
 
+def threshold_args(gc_young_threshold: int | None) -> list[str]:
+    """The sidecar's `--gc-young-threshold` option (None: none, the sidecar's default)."""
+    if gc_young_threshold is None:
+        return []
+    return ["--gc-young-threshold", str(gc_young_threshold)]
+
+
 def pinned_proxies(pin: bool) -> list[str]:
     """With `pin`, this process (and so what it starts from now on: wrk, the upstream, the
     control server) leaves CPU 0, and the answer is the prefix that starts a proxy on it."""
@@ -236,10 +243,8 @@ def run(
                  *([] if uvloop else ["--no-uvloop"]), *extra],
                 tmp / log, tree)).pid  # fmt: skip
 
-        threshold = ([] if gc_young_threshold is None
-                     else ["--gc-young-threshold", str(gc_young_threshold)])
         main_pid = sidecar("meshgate-sidecar", ports["admin"], REPO, profile, "sidecar.log",
-                           threshold)
+                           threshold_args(gc_young_threshold))
         cmp_pid = 0
         if compare is not None:
             cmp_pid = sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log",

@@ -40,15 +40,17 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sidecar_bench import PY, process, sidecar_args, start_mesh, wait_ok, wrk
+from sidecar_bench import PY, process, sidecar_args, start_mesh, threshold_args, wait_ok, wrk
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("bare", "plugged")
 #: This machine's caches per core (`lscpu`): L1i, L1d and L2 (callgrind's "LL").
 CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64")
-#: callgrind's cache events, in the order it writes them, and what this bench calls them.
+#: The cache-miss events of callgrind this bench prints, and its names for them.
 MISSES = {"I1mr": "L1i", "ILmr": "L2 instr", "D1mr": "L1d read", "D1mw": "L1d write",
           "DLmr": "L2 data read", "DLmw": "L2 data write"}
+#: The L2's: the misses that cost tens of cycles each.
+L2_MISSES = ("ILmr", "DLmr", "DLmw")
 
 
 def dump_of(folder: Path, trigger: str) -> str:
@@ -60,13 +62,19 @@ def dump_of(folder: Path, trigger: str) -> str:
     raise SystemExit(f"no callgrind dump for {trigger} in {folder}")
 
 
+def events_of(text: str) -> list[str]:
+    """The dump's events, in the order of its cost columns (`Ir`, then any misses)."""
+    found = re.search(r"^events: (.*)$", text, re.MULTILINE)
+    if found is None:
+        raise SystemExit("a callgrind dump without its events line")
+    return found.group(1).split()
+
+
 def totals(text: str) -> dict[str, int]:
-    """The dump's totals by event (`Ir`, and with the cache simulation its misses)."""
-    events = re.search(r"^events: (.*)$", text, re.MULTILINE)
     found = re.search(r"^(?:summary|totals): (.*)$", text, re.MULTILINE)
-    if events is None or found is None:
+    if found is None:
         raise SystemExit("a callgrind dump without totals")
-    return dict(zip(events.group(1).split(), map(int, found.group(1).split()), strict=True))
+    return dict(zip(events_of(text), map(int, found.group(1).split()), strict=True))
 
 
 def by_object(text: str) -> dict[str, dict[str, int]]:
@@ -74,11 +82,9 @@ def by_object(text: str) -> dict[str, dict[str, int]]:
 
     callgrind's format: `ob=` names the object of the cost lines that follow, written
     `(id) name` where the object first appears (there or in a callee's `cob=`) and
-    `(id)` after; a `calls=` line is followed by the inclusive
-    cost of that call, which belongs to the callee and is skipped here."""
-    events = re.search(r"^events: (.*)$", text, re.MULTILINE)
-    assert events is not None
-    names = events.group(1).split()
+    `(id)` after; a `calls=` line is followed by the inclusive cost of that call, which
+    belongs to the callee and is skipped here."""
+    names = events_of(text)
     known: dict[str, str] = {}
     costs: dict[str, list[int]] = defaultdict(lambda: [0] * len(names))
     current, skip = "???", False
@@ -87,7 +93,7 @@ def by_object(text: str) -> dict[str, dict[str, int]]:
             ident, _, name = line.partition("=")[2].partition(" ")
             if name:
                 known[ident] = name
-            if line[0] == "o":
+            if line.startswith("ob="):
                 current = known.get(ident, ident)
         elif line.startswith("calls="):
             skip = True
@@ -122,9 +128,10 @@ def print_objects(objects: dict[str, list[dict[str, dict[str, float]]]]) -> None
              for ob in set(bare) | set(plugged)}  # fmt: skip
     print("\nextra L2 misses a plugged request, by library (??? is the plugins' compiled code)")
     print(f"{'library':44}{'instr':>8}{'data rd':>9}{'data wr':>9}")
-    ranked = sorted(extra.items(), key=lambda kv: -(kv[1]["ILmr"] + kv[1]["DLmr"] + kv[1]["DLmw"]))
+    ranked = sorted(extra.items(), key=lambda kv: -sum(kv[1][e] for e in L2_MISSES))
     for ob, row in ranked[:10]:
-        print(f"{ob[:44]:44}{row['ILmr']:8.0f}{row['DLmr']:9.0f}{row['DLmw']:9.0f}")
+        instr, data_read, data_write = (row[e] for e in L2_MISSES)
+        print(f"{ob[:44]:44}{instr:8.0f}{data_read:9.0f}{data_write:9.0f}")
 
 
 def main() -> None:
@@ -147,14 +154,13 @@ def main() -> None:
     figures: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
     objects: dict[str, list[dict[str, dict[str, float]]]] = {t: [] for t in TARGETS}
     cache = ["--cache-sim=yes", *CACHES] if args.cache_sim else []
-    threshold = ([] if args.gc_young_threshold is None
-                 else ["--gc-young-threshold", str(args.gc_young_threshold)])
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(
             ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", *cache,
              f"--callgrind-out-file={tmp}/callgrind.%p", PY,
-             *sidecar_args(ports["xds"], ports["admin"], "instructions-bench"), *threshold],
+             *sidecar_args(ports["xds"], ports["admin"], "instructions-bench"),
+             *threshold_args(args.gc_young_threshold)],
             tmp / "sidecar.log"))  # fmt: skip
         for target in TARGETS:
             wait_ok(f"http://127.0.0.1:{ports[target]}/", timeout=300)
