@@ -10,6 +10,12 @@ p50/p99 and the ratios the sidecar is held to. For the sidecars, also their CPU 
 request and, from their /metrics, the garbage collections in each round: the pause a
 request and the collections per 1,000 requests. Not a test: numbers vary with the load
 the machine has; the ratios compare runs made minutes apart on the same machine.
+
+`--compare TREE` adds a second sidecar, from another checkout, to the same rounds, and
+prints this tree's req/s over that one's. `--compare .` with `--gc-young-threshold` and
+`--compare-gc-young-threshold` sets two settings of the same code against each other.
+The first sidecar started keeps a small edge (same code on both sides: 1.01-1.02 in
+decision 2200's runs), so a comparison is run twice with the sides swapped.
 """
 
 from __future__ import annotations
@@ -212,6 +218,7 @@ def run(
     compare: Path | None = None,
     pin: bool = False,
     gc_young_threshold: int | None = None,
+    compare_gc_young_threshold: int | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]],
            tuple[float, float]]:
     """The medians over the rounds per target, each round's figures, and this tree's
@@ -248,7 +255,7 @@ def run(
         cmp_pid = 0
         if compare is not None:
             cmp_pid = sidecar("sidecar-compare", ports["cmp_admin"], compare, None, "compare.log",
-                              [])
+                              threshold_args(compare_gc_young_threshold))
         stack.enter_context(process(
             [*proxy_cpu, find_envoy(), "-c", str(tmp / "envoy.json"), "--concurrency", "1",
              "-l", "error", "--use-dynamic-base-id"], tmp / "envoy.log"))  # fmt: skip
@@ -268,10 +275,12 @@ def run(
         for url in targets.values():
             wrk(url, 2, connections)  # warm up: JIT-less, but pools and caches fill
         # Rounds interleave the targets so a burst of load from elsewhere on the machine
-        # hits all of them alike; each figure is the median over the rounds.
+        # hits all of them alike; each figure is the median over the rounds. Every other
+        # round runs them in reverse, so no target always follows the same one.
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-        for _ in range(rounds):
-            for name, url in targets.items():
+        for round_index in range(rounds):
+            order = list(targets.items())
+            for name, url in order[::-1] if round_index % 2 else order:
                 pid = cmp_pid if name.startswith("compare") else main_pid
                 admin = ports["cmp_admin"] if name.startswith("compare") else ports["admin"]
                 sidecar_target = "sidecar" in name
@@ -350,13 +359,16 @@ def main() -> None:
                         "archive` of the previous commit), interleaved in the same rounds")
     parser.add_argument("--gc-young-threshold", type=int, metavar="N",
                         help="this tree's sidecar's --gc-young-threshold (default: its own)")
+    parser.add_argument("--compare-gc-young-threshold", type=int, metavar="N",
+                        help="the compare tree's sidecar's --gc-young-threshold (default: "
+                        "its own); with --compare . two settings of the same code")
     parser.add_argument("--pin", action="store_true",
                         help="the proxies on CPU 0, wrk and the upstream on the others "
                         "(needs 2 CPUs or more)")
     args = parser.parse_args()
     results, runs, batches = run(args.seconds, args.connections, args.profile, not args.no_envoy,
                         args.rounds, not args.no_uvloop, args.compare, args.pin,
-                        args.gc_young_threshold)  # fmt: skip
+                        args.gc_young_threshold, args.compare_gc_young_threshold)  # fmt: skip
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
           f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}"
@@ -382,8 +394,10 @@ def main() -> None:
             "compare: sidecar (rate-limit + auth)"]
         print(f"compare tree: plugins / bare {c_plugged / c_bare:.2f}"
               + (f", plugins / envoy {c_plugged / envoy:.2f}" if envoy else ""))
-        print(f"this tree / compare tree: bare {bare / c_bare:.2f}, "
-              f"plugins {plugged / c_plugged:.2f}")
+        print(f"this tree / compare tree: bare {bare / c_bare:.2f} "
+              f"({paired(runs, 'sidecar (bare)', 'compare: sidecar (bare)')}), "
+              f"plugins {plugged / c_plugged:.2f} "
+              f"({paired(runs, plugged_name, 'compare: sidecar (rate-limit + auth)')})")
 
 
 if __name__ == "__main__":
