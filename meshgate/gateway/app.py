@@ -49,7 +49,8 @@ class SidecarOptions:
     max_request_header_bytes: int = 60 * 1024
     data_path: DataPathSettings = field(default_factory=DataPathSettings)
     tracer_provider: trace.TracerProvider | None = None  # None: see sidecar_tracer_provider
-    # Python's young-generation gc threshold while the sidecar runs (0: the interpreter's).
+    # Python's young-generation gc threshold while the sidecar runs (0: the interpreter's;
+    # decision 2200).
     gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD
 
 
@@ -304,8 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--no-uvloop", action="store_true", help="asyncio's own event loop")
     parser.add_argument("--gc-young-threshold", type=_count, default=DEFAULT_YOUNG_THRESHOLD,
-                        help="Python's young-generation gc threshold (default 0: the "
-                        "interpreter's, 700)")
+                        help="Python's young-generation gc threshold (default "
+                        f"{DEFAULT_YOUNG_THRESHOLD}; 0: the interpreter's, 700)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"

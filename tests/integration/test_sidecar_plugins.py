@@ -333,18 +333,19 @@ async def young_collections(client: aiohttp.ClientSession, admin_port: int) -> f
 
 
 @needs_plugins
-async def test_a_larger_gc_threshold_makes_young_collections_rare_under_load(
+async def test_the_default_gc_threshold_makes_young_collections_rare_under_load(
     tmp_path: Path,
 ) -> None:
-    # Requests in flight through plugins hold more young objects than Python's threshold
-    # of 700: collection after collection under load (decision 2000). /metrics shows it,
-    # and shows an operator's larger threshold taking effect.
+    # At Python's threshold of 700, requests in flight through plugins make the sidecar
+    # collect its young generation again and again under load (decision 2000); at the
+    # sidecar's default (decision 2200) such collections are rare. /metrics shows both.
+    python_threshold = 0
     async with upstreams("a") as ports:
         port = free_port()
         stack = await start_stack(tmp_path, limited(port, ports["a"], 1_000_000))
         collections: dict[int, float] = {}
         try:
-            for threshold in (DEFAULT_YOUNG_THRESHOLD, 10_000):
+            for threshold in (python_threshold, DEFAULT_YOUNG_THRESHOLD):
                 async with (running_sidecar(stack, gc_young_threshold=threshold) as sidecar,
                             aiohttp.ClientSession() as client):  # fmt: skip
                     before = await young_collections(client, sidecar.admin_port)
@@ -355,5 +356,5 @@ async def test_a_larger_gc_threshold_makes_young_collections_rare_under_load(
                         await young_collections(client, sidecar.admin_port) - before)
         finally:
             stack.__exit__(None, None, None)
-    assert collections[DEFAULT_YOUNG_THRESHOLD] >= 8, collections
-    assert collections[10_000] * 4 <= collections[DEFAULT_YOUNG_THRESHOLD], collections
+    assert collections[python_threshold] >= 8, collections
+    assert collections[DEFAULT_YOUNG_THRESHOLD] * 4 <= collections[python_threshold], collections
