@@ -45,6 +45,7 @@ from sidecar_bench import (  # noqa: E402
     process,
     sidecar_args,
     start_mesh,
+    threshold_args,
     wait_ok,
     wrk_args,
     wrk_figures,
@@ -98,7 +99,8 @@ def attribute(dump: Path) -> tuple[float, float, collections.Counter[str]]:
 Round = tuple[float, float, collections.Counter[str]]
 
 
-def run(seconds: int, rounds: int, pin: bool) -> dict[str, list[Round]]:
+def run(seconds: int, rounds: int, pin: bool,
+        gc_young_threshold: int | None = None) -> dict[str, list[Round]]:
     """Per listener, each round's (µs a request sampled, of it on the plugin path, by frame)."""
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-profile-"))
     proxy_cpu = pinned_proxies(pin)
@@ -106,7 +108,8 @@ def run(seconds: int, rounds: int, pin: bool) -> dict[str, list[Round]]:
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(
-            [*proxy_cpu, PY, *sidecar_args(ports["xds"], ports["admin"], "profile-bench")],
+            [*proxy_cpu, PY, *sidecar_args(ports["xds"], ports["admin"], "profile-bench"),
+             *threshold_args(gc_young_threshold)],
             tmp / "sidecar.log", REPO))
         urls = {name: f"http://127.0.0.1:{ports[name]}/" for name in results}
         for url in urls.values():
@@ -130,10 +133,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pin", action="store_true",
                         help="the sidecar on CPU 0, wrk and the upstream on the others")
+    parser.add_argument("--gc-young-threshold", type=int, metavar="N",
+                        help="the sidecar's --gc-young-threshold (default: its own)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
-    results = run(args.seconds, args.rounds, args.pin)
+    results = run(args.seconds, args.rounds, args.pin, args.gc_young_threshold)
     bare = statistics.median(t for t, _, _ in results["bare"])
     plugged = statistics.median(t for t, _, _ in results["plugged"])
     plugin = statistics.median(p for _, p, _ in results["plugged"])
