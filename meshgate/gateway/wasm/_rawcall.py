@@ -44,6 +44,12 @@ if os.environ.get("MESHGATE_WASM_CROSSING") == "ctypes":
 #: Which crossing implementation calls and host functions use: "compiled" or "ctypes".
 CROSSING = "compiled" if _compiled is not None else "ctypes"
 
+
+def compiled_function(name: str) -> Callable[..., Any] | None:
+    """The compiled crossings' function ``name``, or None where ctypes is in use (the
+    caller keeps its Python reference)."""
+    return getattr(_compiled, name) if _compiled is not None else None
+
 _U32 = 0xFFFFFFFF
 _log = logging.getLogger(__name__)
 _VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}

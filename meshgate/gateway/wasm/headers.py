@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ._rawcall import _compiled
+from ._rawcall import compiled_function
 
 #: The operations of ``HeaderMap.log`` (the compiled fast paths log the same numbers).
 SET, ADD, REMOVE = 0, 1, 2
@@ -122,4 +122,4 @@ def lowered_pairs_py(head: list[tuple[str, str]], headers: Any) -> list[tuple[st
 
 
 #: ``lowered_pairs_py``, compiled where the compiled crossings are in use (``_headers.h``).
-lowered_pairs = _compiled.lowered_pairs if _compiled is not None else lowered_pairs_py
+lowered_pairs = compiled_function("lowered_pairs") or lowered_pairs_py
