@@ -168,6 +168,13 @@ def sidecar_args(xds_port: int, admin_port: int, node_id: str,
             "--log-level", "WARNING"]  # fmt: skip
 
 
+def add_threshold_option(parser: argparse.ArgumentParser, whose: str = "the sidecar's",
+                         flag: str = "--gc-young-threshold", note: str = "") -> None:
+    """The benches' option passing a sidecar's `--gc-young-threshold` (`threshold_args`)."""
+    parser.add_argument(flag, type=int, metavar="N",
+                        help=f"{whose} --gc-young-threshold (default: its own){note}")
+
+
 def threshold_args(gc_young_threshold: int | None) -> list[str]:
     """The sidecar's `--gc-young-threshold` option (None: none, the sidecar's default)."""
     if gc_young_threshold is None:
@@ -357,11 +364,9 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, metavar="TREE",
                         help="also run a sidecar from another source tree (e.g. a `git "
                         "archive` of the previous commit), interleaved in the same rounds")
-    parser.add_argument("--gc-young-threshold", type=int, metavar="N",
-                        help="this tree's sidecar's --gc-young-threshold (default: its own)")
-    parser.add_argument("--compare-gc-young-threshold", type=int, metavar="N",
-                        help="the compare tree's sidecar's --gc-young-threshold (default: "
-                        "its own); with --compare . two settings of the same code")
+    add_threshold_option(parser, "this tree's sidecar's")
+    add_threshold_option(parser, "the compare tree's sidecar's", "--compare-gc-young-threshold",
+                         "; with --compare . two settings of the same code")
     parser.add_argument("--pin", action="store_true",
                         help="the proxies on CPU 0, wrk and the upstream on the others "
                         "(needs 2 CPUs or more)")

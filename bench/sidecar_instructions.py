@@ -40,7 +40,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sidecar_bench import PY, process, sidecar_args, start_mesh, threshold_args, wait_ok, wrk
+from sidecar_bench import (
+    PY,
+    add_threshold_option,
+    process,
+    sidecar_args,
+    start_mesh,
+    threshold_args,
+    wait_ok,
+    wrk,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("bare", "plugged")
@@ -142,8 +151,7 @@ def main() -> None:
                         help="also simulate this machine's L1 and L2 caches")
     parser.add_argument("--connections", type=int, default=None,
                         help="wrk's connections (default 1, with --cache-sim 16)")
-    parser.add_argument("--gc-young-threshold", type=int, default=None, metavar="N",
-                        help="the sidecar's --gc-young-threshold (default: its own)")
+    add_threshold_option(parser, "the simulated sidecar's")
     args = parser.parse_args()
     connections = args.connections or (16 if args.cache_sim else 1)
     for tool in ("valgrind", "callgrind_control", "wrk"):

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sidecar_bench import (  # noqa: E402
     PY,
     REPO,
+    add_threshold_option,
     pinned_proxies,
     process,
     sidecar_args,
@@ -133,8 +134,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pin", action="store_true",
                         help="the sidecar on CPU 0, wrk and the upstream on the others")
-    parser.add_argument("--gc-young-threshold", type=int, metavar="N",
-                        help="the sidecar's --gc-young-threshold (default: its own)")
+    add_threshold_option(parser)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")

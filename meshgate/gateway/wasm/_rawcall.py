@@ -50,6 +50,7 @@ def compiled_function(name: str) -> Callable[..., Any] | None:
     caller keeps its Python reference)."""
     return getattr(_compiled, name) if _compiled is not None else None
 
+
 _U32 = 0xFFFFFFFF
 _log = logging.getLogger(__name__)
 _VALTYPES = {"i": wasmtime.ValType.i32, "I": wasmtime.ValType.i64}
