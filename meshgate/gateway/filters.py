@@ -132,22 +132,21 @@ class PluginChain:
         (decision 1600); else what is left, to await.
         """
         wasm = _WASM or _wasm()
-        hmap = wasm.HeaderMap.with_pseudo([
-            (":method", method), (":path", path), (":authority", request.host),
-            (":scheme", request.scheme)], headers)
         end = not request.body_exists
-        stopped = wasm.drive_phase(self.streams, 0, wasm.REQUEST_HEADERS, hmap, end, None)
-        if stopped is not None:
-            rest = self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap,
-                                       end, None)
-            return self._then(rest, self._request_edits, hmap, headers)
-        self._request_edits(hmap, headers)
-        return None
+        out = wasm.headers_phase(self.streams, wasm.REQUEST_HEADERS, [
+            (":method", method), (":path", path), (":authority", request.host),
+            (":scheme", request.scheme)], headers, end, None, ":path")
+        if out.__class__ is not tuple:  # settled: None, or written back and the new :path
+            self.path = out
+            return None
+        hmap, stopped = out
+        rest = self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap, end, None)
+        return self._then(rest, self._request_edits, hmap, headers)
 
     def _request_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
         if hmap.edits:  # most plugins only read request headers: skip the copy back
             self.path = hmap.get(":path")
-            _write_back(hmap, headers)
+            (_WASM or _wasm()).write_back(hmap, headers)
 
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         rest = self.begin_response_headers(status, headers)
@@ -160,21 +159,23 @@ class PluginChain:
         and `self.status`."""
         self.responded = True
         wasm = _WASM or _wasm()
-        hmap = wasm.HeaderMap.with_pseudo([(":status", str(status))], headers)
         streams = self.reversed_streams
-        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_HEADERS, hmap, False, status)
-        if stopped is not None:
-            rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False,
-                                       status)
-            return self._then(rest, self._response_edits, hmap, headers)
-        self._response_edits(hmap, headers)
-        return None
+        out = wasm.headers_phase(streams, wasm.RESPONSE_HEADERS, [(":status", str(status))],
+                                 headers, False, status, ":status")
+        if out is None:
+            return None
+        if out.__class__ is not tuple:  # edited, and written back: the new :status
+            self.status = int(out) if out.isdigit() else None
+            return None
+        hmap, stopped = out
+        rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False, status)
+        return self._then(rest, self._response_edits, hmap, headers)
 
     def _response_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
         if hmap.edits:
             new_status = hmap.get(":status")
             self.status = int(new_status) if new_status and new_status.isdigit() else None
-            _write_back(hmap, headers)
+            (_WASM or _wasm()).write_back(hmap, headers)
 
     @staticmethod
     async def _then(rest: Awaitable[None], after: Callable[[Any, Any], None], hmap: Any,
@@ -219,13 +220,13 @@ class PluginChain:
         next sees the edits; a `StopAndBuffer` at end of stream is a continue.
         """
         wasm = _WASM or _wasm()
-        buffer = wasm.Buffer(bytearray(body), True)  # mutable
         streams = self.reversed_streams
-        stopped = wasm.drive_phase(streams, 0, wasm.RESPONSE_BODY, buffer, True, None)
-        if stopped is not None:
-            rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_BODY, buffer, True, None)
-            return self._body_after(rest, buffer)
-        return bytes(buffer.data)
+        out = wasm.body_phase(streams, body)
+        if out.__class__ is bytes:
+            return out
+        buffer, stopped = out
+        rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_BODY, buffer, True, None)
+        return self._body_after(rest, buffer)
 
     @staticmethod
     async def _body_after(rest: Awaitable[None], buffer: Any) -> bytes:
@@ -325,11 +326,10 @@ def _finish(streams: list[Any]) -> None:
 def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None,
                  route_name: str = "", cluster_name: str = "") -> Any:
     traceparent, tracestate = w3c if w3c is not None else (None, None)
-    # Positional, in StreamInfo's field order: keywords cost more (it runs once per
-    # plugged request). The addresses come from the transport if a plugin asks.
-    return (_WASM or _wasm()).StreamInfo(
-        "", "", request.headers.get("x-request-id", ""), traceparent, tracestate or None,
-        span, request.transport, route_name, cluster_name)
+    # The addresses come from the transport if a plugin asks.
+    return (_WASM or _wasm()).stream_info(
+        request.headers.get("x-request-id", ""), traceparent, tracestate or None, span,
+        request.transport, route_name, cluster_name)
 
 
 async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:
@@ -337,32 +337,6 @@ async def next_chunk(iterator: AsyncIterator[bytes]) -> bytes | None:
         return await iterator.__anext__()
     except StopAsyncIteration:
         return None
-
-
-def _write_back(hmap: Any, headers: CIMultiDict[str]) -> None:
-    """The plugins' edits of ``hmap`` onto ``headers``, the map it was built from.
-
-    Replayed one by one where the map logged them (decision 1500): a plugin sets a few
-    headers, and ``CIMultiDict`` does each edit as ``HeaderMap`` does (a set replaces the
-    first value in place and drops the others), at a tenth of the cost of a rebuild.
-    Pseudo-headers are not in ``headers``: the chain reads them from the map.
-    """
-    log = hmap.log
-    if log is None:
-        headers.clear()
-        # The map's own list, read without the copy `items()` makes: nothing edits it here.
-        headers.extend([(name, value) for name, value in hmap._items if name[:1] != ":"])
-        return
-    ops = (_WASM or _wasm()).headers
-    for op, name, value in log:
-        if name[:1] == ":":
-            continue
-        if op == ops.SET:
-            headers[name] = value
-        elif op == ops.ADD:
-            headers.add(name, value)
-        else:
-            headers.popall(name, None)
 
 
 class ClusterCallDispatcher:

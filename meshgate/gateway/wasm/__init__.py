@@ -52,6 +52,7 @@ from .actions import (
 from .context import Buffer, StreamInfo
 from .headers import HeaderMap
 from .host import PluginHost
+from .phases import body_phase, headers_phase, stream_info, write_back
 from .services import ForeignCall, ForeignFunction, HostServices, HttpCallDispatcher
 from .stream import (
     REQUEST_HEADERS,
@@ -85,7 +86,11 @@ __all__ = [
     "StopAndBuffer",
     "StreamAction",
     "StreamInfo",
+    "body_phase",
     "drive_phase",
     "finish_streams",
+    "headers_phase",
     "open_streams",
+    "stream_info",
+    "write_back",
 ]

@@ -253,6 +253,7 @@ typedef struct {
 #include "_fastpaths.h"
 #include "_driver.h"
 #include "_streams.h"
+#include "_phases.h"
 
 #define RELEASE_GIL(taken, state) \
     do {                              \
@@ -452,6 +453,17 @@ static PyMethodDef crossing_methods[] = {
      "lowered_pairs(head, headers): headers.lowered_pairs_py, compiled."},
     {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
      "invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled."},
+    {"headers_phase", (PyCFunction)(void (*)(void))headers_phase, METH_FASTCALL,
+     "headers_phase(streams, phase, pseudo, headers, end_of_stream, code, watched): "
+     "phases.headers_phase_py, compiled."},
+    {"body_phase", (PyCFunction)(void (*)(void))body_phase, METH_FASTCALL,
+     "body_phase(streams, body): phases.body_phase_py, compiled."},
+    {"stream_info", (PyCFunction)(void (*)(void))stream_info, METH_FASTCALL,
+     "stream_info(request_id, traceparent, tracestate, span, connection, route_name, "
+     "cluster_name): phases.stream_info_py, compiled."},
+    {"configure_phases", (PyCFunction)(void (*)(void))configure_phases, METH_FASTCALL,
+     "configure_phases(map_template, buffer_template, info_template, write_back): what "
+     "the compiled phases copy, and the write-back of a map that cannot be replayed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -470,7 +482,7 @@ PyInit__crossing(void)
         PyType_Ready(&EpochClockType) < 0)
         return NULL;
     if (init_fast_paths() < 0 || init_driver() < 0 || init_headers() < 0 ||
-        init_streams() < 0)
+        init_streams() < 0 || init_phases() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&crossing_module);
     if (m == NULL)

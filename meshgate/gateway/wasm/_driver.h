@@ -459,25 +459,12 @@ show_phase(PyObject *ctx, long phase, PyObject *payload, PyObject *code, PyObjec
     return *size == NULL ? -1 : 0;
 }
 
-/* drive_phase(streams, start, phase, payload, end_of_stream, code): stream.drive_phase_py,
- * compiled. */
+/* streams[start:] through one phase, as drive_phase below: a new reference (None, or
+ * the (index, action) of the first stream that did not continue), or NULL. */
 static PyObject *
-drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+drive_streams(PyObject *streams, Py_ssize_t start, long phase, PyObject *payload, PyObject *eos,
+              PyObject *code)
 {
-    if (nargs != 6 || !PyList_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "drive_phase(streams: list, start, phase, payload, end_of_stream, code)");
-        return NULL;
-    }
-    PyObject *streams = args[0], *payload = args[3], *eos = args[4], *code = args[5];
-    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
-    long phase = PyLong_AsLong(args[2]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (phase < PHASE_REQUEST_HEADERS || phase > PHASE_RESPONSE_BODY) {
-        PyErr_Format(PyExc_ValueError, "unknown phase %ld", phase);
-        return NULL;
-    }
     PyObject *export = d_phase_exports[phase];
     PyObject *is_body = phase == PHASE_RESPONSE_BODY ? Py_True : Py_False;
     for (Py_ssize_t i = start; i < PyList_GET_SIZE(streams); i++) {
@@ -498,10 +485,30 @@ drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(action);
             continue;
         }
-        PyObject *stopped = Py_BuildValue("(nN)", i, action);
-        return stopped;
+        return Py_BuildValue("(nN)", i, action);
     }
     Py_RETURN_NONE;
+}
+
+/* drive_phase(streams, start, phase, payload, end_of_stream, code): stream.drive_phase_py,
+ * compiled. */
+static PyObject *
+drive_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "drive_phase(streams: list, start, phase, payload, end_of_stream, code)");
+        return NULL;
+    }
+    Py_ssize_t start = PyLong_AsSsize_t(args[1]);
+    long phase = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (phase < PHASE_REQUEST_HEADERS || phase > PHASE_RESPONSE_BODY) {
+        PyErr_Format(PyExc_ValueError, "unknown phase %ld", phase);
+        return NULL;
+    }
+    return drive_streams(args[0], start, phase, args[3], args[4], args[5]);
 }
 
 /* PluginHost._invoke_all, compiled: `args` is its argument vector, self first, with

@@ -46,17 +46,13 @@ lowered_name(PyObject *name)
     return out;
 }
 
-/* lowered_pairs(head, headers): headers.py's `lowered_pairs_py`, compiled. */
+/* `head` (a list, copied), then `headers.items()` with the names lower-cased: a new
+ * list, or NULL with an exception. */
 static PyObject *
-lowered_pairs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+pairs_of(PyObject *head, PyObject *headers)
 {
-    (void)module;
-    if (nargs != 2 || !PyList_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "lowered_pairs(head: list, headers)");
-        return NULL;
-    }
-    PyObject *out = PyList_GetSlice(args[0], 0, PY_SSIZE_T_MAX);
-    PyObject *items = out ? PyObject_CallMethodNoArgs(args[1], h_items) : NULL;
+    PyObject *out = PyList_GetSlice(head, 0, PY_SSIZE_T_MAX);
+    PyObject *items = out ? PyObject_CallMethodNoArgs(headers, h_items) : NULL;
     PyObject *it = items ? PyObject_GetIter(items) : NULL;
     Py_XDECREF(items);
     if (it == NULL) {
@@ -91,4 +87,16 @@ lowered_pairs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     return out;
+}
+
+/* lowered_pairs(head, headers): headers.py's `lowered_pairs_py`, compiled. */
+static PyObject *
+lowered_pairs(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    if (nargs != 2 || !PyList_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "lowered_pairs(head: list, headers)");
+        return NULL;
+    }
+    return pairs_of(args[0], args[1]);
 }

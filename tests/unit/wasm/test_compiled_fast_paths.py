@@ -80,7 +80,7 @@ async def test_the_common_cases_never_reach_python(counted: Any) -> None:
     assert ctx.request_headers.items() == [("x-api-key", "k1"), ("b", "café \ufffd"),
                                            ("x-api-key", "café \ufffd")]
     assert ctx.request_headers.edits == 3
-    # What the data path replays on its own headers (filters._write_back).
+    # What the data path replays on its own headers (phases.write_back).
     assert ctx.request_headers.log == [(SET, "b", "café \ufffd"),
                                        (ADD, "x-api-key", "café \ufffd"), (REMOVE, ":path", None)]
     assert call_in(probe, ctx, "proxy_get_current_time_nanoseconds", ARG) == 0

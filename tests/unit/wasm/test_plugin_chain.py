@@ -20,13 +20,13 @@ from meshgate.gateway.filters import (
     PluginChain,
     PluginReplied,
     _stream_info,
-    _write_back,
 )
 from meshgate.gateway.metrics import SidecarMetrics
 from meshgate.gateway.wasm import HeaderMap
 from meshgate.gateway.wasm.abi import Status
 from meshgate.gateway.wasm.context import RootContext, StreamContext
 from meshgate.gateway.wasm.headers import lowered_pairs, lowered_pairs_py
+from meshgate.gateway.wasm.phases import write_back
 from meshgate.gateway.wasm.properties import PluginIdentity, get_property
 
 from .wat import log_info, plugin
@@ -181,16 +181,16 @@ EDITS = [("set", "X-A", "1"), ("add", "x-b", "2"), ("set", "x-b", "3"), ("remove
 
 @pytest.mark.parametrize("count", range(len(EDITS) + 1))
 def test_replayed_edits_give_what_a_rebuild_gives(count: int) -> None:
-    """`_write_back` replays a map's log on the data path's headers; the result must be
+    """`write_back` replays a map's log on the data path's headers; the result must be
     the map itself, as the rebuild (still used after `replace_all`) makes it."""
     start = [("X-A", "0"), ("x-b", "0"), ("X-C", "0"), ("x-b", "1"), ("x-c", "2")]
     hmap = HeaderMap([(":path", "/a"), *start])
     for op, name, value in EDITS[:count]:
         getattr(hmap, op)(name, *([value] if value is not None else []))
     replayed, rebuilt = CIMultiDict(start), CIMultiDict(start)
-    _write_back(hmap, replayed)
+    write_back(hmap, replayed)
     hmap.replace_all(hmap.items())  # not replayable: the next write-back rebuilds
-    _write_back(hmap, rebuilt)
+    write_back(hmap, rebuilt)
     assert hmap.log is None
     expected = [(k, v) for k, v in hmap.items() if not k.startswith(":")]
     assert [(k.lower(), v) for k, v in replayed.items()] == expected
