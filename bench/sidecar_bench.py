@@ -78,6 +78,10 @@ def mesh_config(ports: dict[str, int]) -> dict[str, object]:
                 "routes": route,
                 "plugins": ["rate-limit", "auth"],
             },
+            # Two plugins that do nothing: the floor under any pair of SDK plugins
+            # (`bench/sidecar_profile.py --floor`).
+            {"name": "floor", "port": ports["floor"], "routes": route,
+             "plugins": ["noop-1", "noop-2"]},
         ],  # fmt: skip
         "clusters": [{"name": "upstream", "endpoints": [f"127.0.0.1:{ports['upstream']}"]}],
         "plugins": [
@@ -93,9 +97,11 @@ def mesh_config(ports: dict[str, int]) -> dict[str, object]:
                 "wasm": str(plugin("auth.wasm")),
                 "config": {"api_keys": {"keys": [{"id": "bench", "sha256": key_sha}]}},
             },
+            {"name": "noop-1", "wasm": str(plugin("noop.wasm"))},
+            {"name": "noop-2", "wasm": str(plugin("noop.wasm"))},
         ],  # fmt: skip
         "nodes": [
-            {"cluster": "meshgate-sidecar", "listeners": ["bare", "plugged"]},
+            {"cluster": "meshgate-sidecar", "listeners": ["bare", "plugged", "floor"]},
             {"cluster": "envoy", "listeners": ["plugged"], "ports": {"plugged": ports["envoy"]}},
             # The sidecar started from --compare's tree, on ports of its own.
             {"cluster": "sidecar-compare", "listeners": ["bare", "plugged"],
@@ -203,7 +209,7 @@ def start_mesh(stack: contextlib.ExitStack, tmp: Path) -> dict[str, int]:
     server started (stopped with `stack`). The sidecars and Envoy are the caller's."""
     import yaml
 
-    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "envoy_admin",
+    names = ("upstream", "bare", "plugged", "floor", "envoy", "xds", "http", "admin", "envoy_admin",
              "cmp_bare", "cmp_plugged", "cmp_admin")  # fmt: skip
     ports = {name: free_port() for name in names}
     (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports)))

@@ -1,7 +1,7 @@
 """Where a loaded sidecar's CPU goes, sampled: the plugins' share of a plugged request
 by attribution, beside the share `bench/sidecar_bench.py` gets by subtraction.
 
-Run: .venv/bin/python bench/sidecar_profile.py [--seconds 5] [--rounds 2] [--pin]
+Run: .venv/bin/python bench/sidecar_profile.py [--seconds 5] [--rounds 2] [--pin] [--floor]
 (needs wrk and py-spy: `.venv/bin/pip install -e '.[bench]'`; py-spy reads the
 sidecar's memory, so it needs ptrace rights over it, which root has).
 
@@ -16,6 +16,10 @@ closing batch, the stream info and the header copy-back in `gateway/filters.py`)
 the proxy-wasm host (`gateway/wasm/`): the callbacks into wasm, the host functions,
 the data path's work for the plugins. Native code (the compiled crossings, wasmtime,
 the guests) counts in the Python frame that called it.
+
+`--floor` also samples a listener with two plugins that do nothing (`plugins/noop`):
+every callback still runs, as Envoy drives them, so what that listener's plugin path
+costs is the host's and the proxy-wasm SDK's part, under any pair of SDK plugins.
 
 Subtracting the bare request's CPU from the plugged one's also counts what is not the
 plugins' code but differs between the two loads: the kernel's share of socket writes,
@@ -100,12 +104,13 @@ def attribute(dump: Path) -> tuple[float, float, collections.Counter[str]]:
 Round = tuple[float, float, collections.Counter[str]]
 
 
-def run(seconds: int, rounds: int, pin: bool,
-        gc_young_threshold: int | None = None) -> dict[str, list[Round]]:
+def run(seconds: int, rounds: int, pin: bool, gc_young_threshold: int | None = None,
+        floor: bool = False) -> dict[str, list[Round]]:
     """Per listener, each round's (µs a request sampled, of it on the plugin path, by frame)."""
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-profile-"))
     proxy_cpu = pinned_proxies(pin)
-    results: dict[str, list[Round]] = {"bare": [], "plugged": []}
+    listeners = ("bare", "plugged", "floor") if floor else ("bare", "plugged")
+    results: dict[str, list[Round]] = {name: [] for name in listeners}
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(
@@ -134,11 +139,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--pin", action="store_true",
                         help="the sidecar on CPU 0, wrk and the upstream on the others")
+    parser.add_argument("--floor", action="store_true",
+                        help="also sample a listener whose two plugins do nothing")
     add_threshold_option(parser)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
-    results = run(args.seconds, args.rounds, args.pin, args.gc_young_threshold)
+    results = run(args.seconds, args.rounds, args.pin, args.gc_young_threshold, args.floor)
     bare = statistics.median(t for t, _, _ in results["bare"])
     plugged = statistics.median(t for t, _, _ in results["plugged"])
     plugin = statistics.median(p for _, p, _ in results["plugged"])
@@ -154,12 +161,22 @@ def main() -> None:
     print(f"plugins, by subtraction: {extra:.1f} µs, {extra / bare:.1%} of bare")
     print(f"stray plugin-path samples on the bare listener: "
           f"{statistics.median(p for _, p, _ in results['bare']):.1f} µs a request")
+    print_frames(results["plugged"], "a plugged request")
+    if args.floor:
+        floor = statistics.median(p for _, p, _ in results["floor"])
+        print(f"two no-op plugins, attributed: {floor:.1f} µs a request, {floor / bare:.1%} of "
+              f"a bare request (per round {[round(p, 1) for _, p, _ in results['floor']]}); "
+              f"rate-limit + auth above that floor: {plugin - floor:.1f} µs")
+        print_frames(results["floor"], "a no-op request")
+
+
+def print_frames(rounds: list[Round], what: str) -> None:
     summed: collections.Counter[str] = collections.Counter()
-    for _, _, outer in results["plugged"]:
+    for _, _, outer in rounds:
         summed.update(outer)
-    print("plugin path by its outermost frame, µs a plugged request (mean of the rounds):")
+    print(f"plugin path by its outermost frame, µs {what} (mean of the rounds):")
     for name, us in summed.most_common(12):
-        print(f"  {us / len(results['plugged']):6.1f}  {name}")
+        print(f"  {us / len(rounds):6.1f}  {name}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 #
 #   bash plugins/build.sh OUTDIR
 #
-# OUTDIR/rate_limit.wasm, OUTDIR/auth.wasm: this workspace, release (opt-level 3, decision 1200).
+# OUTDIR/rate_limit.wasm, OUTDIR/auth.wasm: this workspace, release (opt-level 3, decision 1200);
+# OUTDIR/noop.wasm: a plugin that does nothing, for the benches.
 # OUTDIR/examples/<name>.wasm: the examples shipped inside the crates.io package
 #   proxy-wasm 0.2.0, compiled from the registry's copy of the crate (fetched by cargo);
 #   their code is never copied into this repository, only a build manifest is generated.
@@ -25,7 +26,7 @@ copy() { # copy SRC DEST only when the content changed (keeps mtimes stable)
 
 echo "    plugins: cargo build --release --target $TARGET (first build compiles the crypto crates: a few minutes on 2 cores)"
 cargo build --quiet --release --locked --target "$TARGET" --manifest-path "$HERE/Cargo.toml"
-for name in rate_limit auth; do
+for name in rate_limit auth noop; do
   copy "$CARGO_TARGET_DIR/$TARGET/release/$name.wasm" "$OUT/$name.wasm"
 done
 
