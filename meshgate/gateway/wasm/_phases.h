@@ -3,8 +3,8 @@
  * `headers_phase` is `phases.headers_phase_py`: the header map built (pseudo-headers
  * first), the plugins driven over it, their edits written back onto the data path's
  * headers, and the edited pseudo-header read back. `body_phase` is `body_phase_py`, for
- * a response body read whole; `stream_info` is `stream_info_py`. In Python these were a
- * dozen frames a plugged request around the compiled `drive_phase`.
+ * a response body read whole; `stream_info` is `stream_info_py`. In Python these were
+ * eight frames a plugged request around the compiled `drive_phase`.
  *
  * The map, the buffer and the stream info are copies of templates that `phases.py`
  * makes with the classes' own constructors (as `_streams.h` copies contexts), with what

@@ -4,8 +4,8 @@
 (pseudo-headers first), drives the plugins over it and writes their edits back onto the
 data path's own headers; ``body_phase`` does the same for a response body read whole.
 Where the compiled driver runs, each is one C call (``_phases.h``), as is
-``stream_info``: their Python frames around ``drive_phase`` were a third of the Python
-work a plugged request added. The functions here are the reference both are tested
+``stream_info``: the eight Python frames they replace cost a plugged request about 14,800
+instructions (decision 2300). The functions here are the reference both are tested
 against.
 """
 
