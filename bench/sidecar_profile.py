@@ -12,7 +12,7 @@ loads it and `py-spy record --nonblocking` samples the sidecar's Python stacks f
 weight in µs a request is (1 / rate) over wrk's requests in the window.
 
 The plugin path is every sample with a frame of the plugin chain (`PluginChain`, the
-closing batch, the stream info and the header copy-back in `gateway/filters.py`) or of
+closing batch and the stream info in `gateway/filters.py`) or of
 the proxy-wasm host (`gateway/wasm/`): the callbacks into wasm, the host functions,
 the data path's work for the plugins. Native code (the compiled crossings, wasmtime,
 the guests) counts in the Python frame that called it.
@@ -59,7 +59,7 @@ from sidecar_bench import (  # noqa: E402
 RATE = 1000  # samples a second
 PLUGIN_FRAME = re.compile(
     r"\((meshgate/gateway/wasm/|meshgate/gateway/filters\.py)"
-    r"|^(PluginChain\.|FinishBatch\.|_finish |_stream_info |_write_back )")
+    r"|^(PluginChain\.|FinishBatch\.|_finish |_stream_info )")
 
 
 def py_spy() -> str:
