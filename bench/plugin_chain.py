@@ -1,7 +1,7 @@
 """The plugins' share of one sidecar request, as the data path drives them, without sockets.
 
 Run: .venv/bin/python bench/plugin_chain.py [--plugins build/plugins] [-n 3000] [--rounds 7]
-     [--evict MB] [--scatter MB] [--batch B]
+     [--evict MB] [--scatter MB] [--batch B] [--per-address]
 
 One request is what `DataPath` does around the upstream exchange when a listener has
 plugins: the `PluginChain` of rate-limit + auth over an aiohttp request (start, request
@@ -104,6 +104,9 @@ async def main() -> None:
     parser.add_argument("--plugins", type=Path, default=REPO / "build/plugins")
     parser.add_argument("-n", type=int, default=3000, help="requests per round and variant")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--per-address", action="store_true",
+                        help="rate-limit by client address (a `source.address` property read "
+                        "a request) instead of one global bucket")
     parser.add_argument("--evict", type=int, default=0, metavar="MB",
                         help="write a buffer this large before each request (cold caches)")
     parser.add_argument("--scatter", type=int, default=0, metavar="MB",
@@ -113,7 +116,7 @@ async def main() -> None:
                         help="also run the compiled driver B requests at a time, phase by "
                         "phase, the buffers written once per batch")
     args = parser.parse_args()
-    specs = rate_limit_and_auth(args.plugins)
+    specs = rate_limit_and_auth(args.plugins, args.per_address)
     if specs is None:
         raise SystemExit(f"rate_limit.wasm and auth.wasm not in {args.plugins}: make setup")
     services = new_services(tracing=True)

@@ -119,13 +119,18 @@ def generic_noop_request_us(n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-def rate_limit_and_auth(plugins: Path) -> list[PluginSpec] | None:
+def rate_limit_and_auth(plugins: Path, per_address: bool = False) -> list[PluginSpec] | None:
+    """The two plugins, configured as the benches run them: one global bucket, or with
+    `per_address` a bucket per client address (the plugin reads `source.address`)."""
     rl, auth = plugins / "rate_limit.wasm", plugins / "auth.wasm"
     if not (rl.exists() and auth.exists()):
         return None
     digest = hashlib.sha256(API_KEY.encode()).hexdigest()
     auth_conf = {"api_keys": {"header": "x-api-key", "keys": [{"id": "bench", "sha256": digest}]}}
-    rl_conf = {"rules": [{"name": "all", "rate": {"tokens": 1_000_000_000}}]}
+    rule: dict[str, object] = {"name": "all", "rate": {"tokens": 1_000_000_000}}
+    if per_address:
+        rule["descriptors"] = [{"source": "remote_address"}]
+    rl_conf = {"rules": [rule]}
     return [PluginSpec("rate_limit", rl.read_bytes(), json.dumps(rl_conf).encode(),
                        root_id="rate_limit", vm_id="rate_limit"),
             PluginSpec("auth", auth.read_bytes(), json.dumps(auth_conf).encode(),

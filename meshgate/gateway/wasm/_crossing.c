@@ -435,6 +435,8 @@ static PyMethodDef crossing_methods[] = {
     {"configure", (PyCFunction)configure, METH_O,
      "configure(GuestMemoryError): the exception a bad guest pointer raises; fast paths "
      "stay off until it is set."},
+    {"configure_properties", (PyCFunction)configure_properties, METH_O,
+     "configure_properties(get_property): what the compiled proxy_get_property calls."},
     {"configure_driver", (PyCFunction)(void (*)(void))configure_driver, METH_FASTCALL,
      "configure_driver(CONTINUE, STOP_AND_BUFFER, WasmTrap, finish_exports, "
      "finish_streams_py): the driver stays on the Python path until it is called."},

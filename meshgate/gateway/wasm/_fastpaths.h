@@ -24,6 +24,7 @@ enum {
     FAST_GET_SHARED_DATA,
     FAST_SET_SHARED_DATA,
     FAST_CALL_FOREIGN,
+    FAST_GET_PROPERTY,
     FAST_COUNT
 };
 
@@ -42,6 +43,8 @@ static PyObject *s_t, *s_effective, *s_vm, *s_mem, *s_base, *s_size, *s_alloc, *
     *s_metrics_table, *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity,
     *s_vm_id, *s_call_foreign;
 static PyObject *guest_memory_error; /* set by configure(); NULL until then */
+/* properties.get_property, set by configure_properties(); NULL: the Python method runs. */
+static PyObject *get_property_fn;
 
 static int
 init_fast_paths(void)
@@ -87,7 +90,8 @@ add_fast_path_names(PyObject *m)
         NULL, "proxy_get_header_map_value", "proxy_replace_header_map_value",
         "proxy_add_header_map_value", "proxy_remove_header_map_value",
         "proxy_get_current_time_nanoseconds", "proxy_increment_metric",
-        "proxy_get_shared_data", "proxy_set_shared_data", "proxy_call_foreign_function"};
+        "proxy_get_shared_data", "proxy_set_shared_data", "proxy_call_foreign_function",
+        "proxy_get_property"};
     PyObject *table = PyDict_New();
     if (table == NULL)
         return -1;
@@ -801,6 +805,53 @@ fast_call_foreign(Guest *g, raw_val *vals)
     return HANDLED;
 }
 
+/* proxy_get_property(path_ptr, path_size, ret_ptr, ret_size): properties.get_property,
+ * where Envoy's attribute names live, called from here (decision 2400). The Python
+ * layer around it (the method, reading the path, and copy_out with its nested call into
+ * the guest's allocator) cost a plugin that reads `source.address` on every request
+ * about 13 µs. */
+static int
+fast_get_property(Guest *g, raw_val *vals)
+{
+    uint32_t path_ptr = (uint32_t)vals[0].i32, path_size = (uint32_t)vals[1].i32,
+             ret_ptr = (uint32_t)vals[2].i32, ret_size = (uint32_t)vals[3].i32;
+    if (get_property_fn == NULL || !in_bounds(g, path_ptr, path_size) ||
+        !in_bounds(g, ret_ptr, 4) || !in_bounds(g, ret_size, 4))
+        return FALLBACK;
+    PyObject *ctx = GETATTR(g->host, s_effective);
+    PyObject *ident = ctx ? GETATTR(g->host, s_identity) : NULL;
+    if (ident == NULL) {
+        Py_XDECREF(ctx);
+        PyErr_Clear();
+        return FALLBACK;
+    }
+    PyObject *path = PyBytes_FromStringAndSize((const char *)g->base + path_ptr, path_size);
+    PyObject *r = path ? PyObject_CallFunctionObjArgs(get_property_fn, ctx, ident, path, NULL)
+                       : NULL;
+    Py_DECREF(ctx);
+    Py_DECREF(ident);
+    Py_XDECREF(path);
+    if (r == NULL)
+        return RAISED;
+    PyObject *value = NULL;
+    long status = -1;
+    if (PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 2 && PyBytes_Check(PyTuple_GET_ITEM(r, 1))) {
+        status = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+        value = Py_NewRef(PyTuple_GET_ITEM(r, 1));
+    } else {
+        PyErr_SetString(PyExc_TypeError, "get_property answers (status, bytes)");
+    }
+    Py_DECREF(r);
+    int rc = value == NULL || (status == -1 && PyErr_Occurred()) ? -1 : 0;
+    if (rc == 0 && status == ST_OK)
+        rc = copy_out(g, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), ret_ptr, ret_size);
+    Py_XDECREF(value);
+    if (rc < 0)
+        return RAISED;
+    set_status(vals, (int)status);
+    return HANDLED;
+}
+
 static int
 run_fast_path(HostFunction *h, raw_val *vals)
 {
@@ -836,9 +887,24 @@ run_fast_path(HostFunction *h, raw_val *vals)
     case FAST_CALL_FOREIGN:
         rc = fast_call_foreign(&g, vals);
         break;
+    case FAST_GET_PROPERTY:
+        rc = fast_get_property(&g, vals);
+        break;
     }
     guest_release(&g);
     return rc;
+}
+
+/* configure_properties(get_property): what the compiled proxy_get_property calls. */
+static PyObject *
+configure_properties(PyObject *module, PyObject *fn)
+{
+    if (!PyCallable_Check(fn)) {
+        PyErr_SetString(PyExc_TypeError, "configure_properties() takes get_property");
+        return NULL;
+    }
+    Py_XSETREF(get_property_fn, Py_NewRef(fn));
+    Py_RETURN_NONE;
 }
 
 static PyObject *

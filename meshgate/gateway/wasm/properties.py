@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from ._rawcall import compiled_function
 from .abi import Status, serialize_pairs
 from .context import Context, StreamContext
 
@@ -124,13 +125,40 @@ _PLUGIN: dict[str, Callable[[PluginIdentity], bytes]] = {
 }
 
 
+def _address(side: str) -> Callable[[StreamContext], bytes | None]:
+    def read(ctx: StreamContext) -> bytes | None:
+        address = ctx.info.address(side)
+        return address.encode() if address else None
+    return read
+
+
+def _path(ctx: StreamContext) -> bytes | None:
+    path = _header(ctx, ":path")
+    return path.encode() if path is not None else None
+
+
+#: The stream properties plugins read on every request (a rate limit keyed by client
+#: address, a policy on the path), answered without parsing the path; what they answer
+#: is what `_stream_property` answers for the same names (decision 2400).
+_EVERY_REQUEST: dict[bytes, Callable[[StreamContext], bytes | None]] = {
+    b"source\0address": _address("source"),
+    b"destination\0address": _address("destination"),
+    b"request\0path": _path,
+}
+
+
 def get_property(ctx: Context, ident: PluginIdentity, raw_path: bytes) -> tuple[Status, bytes]:
     """Answer ``proxy_get_property`` for ``raw_path`` in context ``ctx``."""
     if not raw_path:
         return Status.SERIALIZATION_FAILURE, b""
-    state = ctx.info.filter_state if isinstance(ctx, StreamContext) else None
+    stream = ctx if isinstance(ctx, StreamContext) else None
+    state = stream.info.filter_state if stream is not None else None
     if state and raw_path in state:
         return Status.OK, state[raw_path]
+    read = _EVERY_REQUEST.get(raw_path) if stream is not None else None
+    if read is not None:
+        value = read(stream)  # type: ignore[arg-type]
+        return (Status.OK, value) if value is not None else (Status.NOT_FOUND, b"")
     segs = raw_path.decode("utf-8", "replace").rstrip("\0").split("\0")
     if len(segs) == 1 and segs[0] in _PLUGIN:
         return Status.OK, _PLUGIN[segs[0]](ident)
@@ -159,3 +187,10 @@ def set_property(ctx: Context, raw_path: bytes, value: bytes) -> Status:
         ctx.info.filter_state = {}
     ctx.info.filter_state[raw_path] = bytes(value)
     return Status.OK
+
+
+#: The compiled ``proxy_get_property`` (``_fastpaths.h``) answers through this module's
+#: ``get_property``: the names and encodings stay defined here alone.
+_configure = compiled_function("configure_properties")
+if _configure is not None:
+    _configure(get_property)

@@ -29,7 +29,8 @@ ARG, ARG2 = 512, 768
 FAST = ("proxy_get_header_map_value", "proxy_replace_header_map_value",
         "proxy_add_header_map_value", "proxy_remove_header_map_value",
         "proxy_get_current_time_nanoseconds", "proxy_increment_metric",
-        "proxy_get_shared_data", "proxy_set_shared_data", "proxy_call_foreign_function")
+        "proxy_get_shared_data", "proxy_set_shared_data", "proxy_call_foreign_function",
+        "proxy_get_property")
 
 
 @pytest.fixture
@@ -182,6 +183,36 @@ async def test_foreign_calls_reach_the_function_without_the_python_marshalling(
     assert calls["proxy_call_foreign_function"] == 1
 
 
+async def test_properties_are_answered_by_the_python_table_without_the_python_method(
+    counted: Any,
+) -> None:
+    """The compiled proxy_get_property asks `properties.get_property` (Envoy's names stay
+    defined there) and copies the answer out itself."""
+    probe, calls = counted
+    stream = probe.new_stream(StreamInfo(source_address="10.0.0.7:5555"))
+    ctx = stream.ctx
+    ctx.request_headers = HeaderMap([(":path", "/a?b=c")])
+
+    def prop(path: bytes, slot: int = SLOT_PTR) -> tuple[int, bytes]:
+        status = call_in(probe, ctx, "proxy_get_property", *put(probe, ARG, path), slot,
+                         SLOT_SIZE)
+        return status, returned(probe) if status == 0 else b""
+
+    assert prop(b"source\0address") == (0, b"10.0.0.7:5555")
+    assert prop(b"request\0query") == (0, b"b=c")
+    assert prop(b"plugin_name") == (0, probe.spec.name.encode())
+    assert prop(b"no\0such") == (1, b"")  # NOT_FOUND
+    assert prop(b"metadata") == (0, b"")  # empty: (0, 0) written, nothing allocated
+    assert probe.vm.mem.read_u32(SLOT_PTR) == probe.vm.mem.read_u32(SLOT_SIZE) == 0
+    # An empty path: SERIALIZATION_FAILURE, from the table too.
+    assert call_in(probe, ctx, "proxy_get_property", ARG, 0, SLOT_PTR, SLOT_SIZE) == 3
+    assert sum(calls.values()) == 0
+    # Bad pointers: the Python method answers, with the same status as without C.
+    assert call_in(probe, ctx, "proxy_get_property", 0xFFFFFFF0, 4, SLOT_PTR, SLOT_SIZE) == 6
+    assert prop(b"source\0address", slot=0xFFFFFFF0) == (6, b"")
+    assert calls["proxy_get_property"] == 2
+
+
 async def test_fast_paths_leak_no_python_objects(counted: Any) -> None:
     # A reference kept by mistake in C would grow Python's heap on every request.
     import tracemalloc
@@ -190,6 +221,7 @@ async def test_fast_paths_leak_no_python_objects(counted: Any) -> None:
     probe.services.foreign_functions["test.reverse"] = lambda args, call: (0, args[::-1])
     key, value = put(probe, ARG, b"x-key"), put(probe, ARG2, b"value")
     name = put(probe, ARG + 64, b"test.reverse")
+    prop = put(probe, ARG + 96, b"plugin_name")
 
     def one_round() -> None:
         ctx = stream_with(probe, [("x-key", "v"), ("a", "b")])
@@ -203,6 +235,7 @@ async def test_fast_paths_leak_no_python_objects(counted: Any) -> None:
                      ("proxy_get_shared_data", *key, SLOT_PTR, SLOT_SIZE, ARG + 128),
                      ("proxy_set_shared_data", *key, *value, 1),
                      ("proxy_call_foreign_function", *name, *value, SLOT_PTR, SLOT_SIZE),
+                     ("proxy_get_property", *prop, SLOT_PTR, SLOT_SIZE),
                      ("proxy_get_current_time_nanoseconds", ARG + 128)):
             call_in(probe, ctx, *args)
         probe.streams.pop(ctx.id, None)

@@ -27,7 +27,12 @@ from meshgate.gateway.wasm.abi import Status
 from meshgate.gateway.wasm.context import RootContext, StreamContext
 from meshgate.gateway.wasm.headers import lowered_pairs, lowered_pairs_py
 from meshgate.gateway.wasm.phases import write_back
-from meshgate.gateway.wasm.properties import PluginIdentity, get_property
+from meshgate.gateway.wasm.properties import (
+    _EVERY_REQUEST,
+    PluginIdentity,
+    _stream_property,
+    get_property,
+)
 
 from .wat import log_info, plugin
 
@@ -256,3 +261,23 @@ def test_plugins_see_the_route_and_cluster_the_request_took() -> None:
     ident = PluginIdentity("p", "", "", "", "")
     assert get_property(ctx, ident, b"xds\0route_name") == (Status.OK, b"api")
     assert get_property(ctx, ident, b"xds\0cluster_name") == (Status.OK, b"backend")
+
+
+@pytest.mark.parametrize("headers, peer", [([(":path", "/a?b")], ("10.1.2.3", 4567)),
+                                           ([], None)])
+def test_the_every_request_properties_answer_what_the_full_table_answers(
+        headers: list[tuple[str, str]], peer: tuple[str, int] | None) -> None:
+    """`get_property` answers a few names from a shortcut table; each must give what the
+    path's parse through `_stream_property` gives, found or not."""
+    request = make_mocked_request("GET", "/a", headers={}, transport=Connection(peer))
+    ident = PluginIdentity("p", "", "", "", "")
+    for raw_path in _EVERY_REQUEST:
+        ctx = StreamContext(2, _stream_info(request, None, None), RootContext(b"", b""))
+        ctx.request_headers = HeaderMap(headers)
+        twin = StreamContext(3, _stream_info(request, None, None), RootContext(b"", b""))
+        twin.request_headers = HeaderMap(headers)
+        value = _stream_property(twin, ident, raw_path.decode().split("\0"))
+        expected = (Status.OK, value) if value is not None else (Status.NOT_FOUND, b"")
+        assert get_property(ctx, ident, raw_path) == expected
+        # Outside a stream there is no such property.
+        assert get_property(RootContext(b"", b""), ident, raw_path) == (Status.NOT_FOUND, b"")
