@@ -60,7 +60,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from tests.support import http
-from tests.support.ports import free_port
+from tests.support.ports import distinct_free_ports
 from tests.support.stack import SIDECAR_CLUSTER, EnvoyHandle, SidecarHandle, Stack
 
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer",
@@ -241,16 +241,6 @@ class ListenerSpec:
     # Listener timeouts (meshgate.yaml durations), when a test sets them.
     request_timeout: str | None = None
     request_headers_timeout: str | None = None
-
-
-def distinct_free_ports(count: int, avoid: set[int]) -> list[int]:
-    """`free_port()` may hand out a port twice (it is free again once probed)."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in avoid and port not in ports:
-            ports.append(port)
-    return ports
 
 
 def planes_config(listeners: list[ListenerSpec], plugins: list[dict[str, Any]],

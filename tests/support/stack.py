@@ -24,7 +24,7 @@ import yaml
 
 from meshgate.envoy import find_envoy
 from meshgate.xds.bootstrap import envoy_bootstrap
-from tests.support.ports import free_port
+from tests.support.ports import distinct_free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGINS = REPO / "build" / "plugins"
@@ -110,13 +110,25 @@ class SidecarHandle:
 SIDECAR_CLUSTER = "meshgate-sidecar"
 
 
+def config_ports(config: dict[str, Any]) -> set[int]:
+    """The loopback ports a meshgate.yaml names: listeners, per-node ports, endpoints."""
+    ports = {int(item["port"]) for item in config.get("listeners", []) if "port" in item}
+    for node in config.get("nodes", []):
+        ports.update(int(p) for p in node.get("ports", {}).values())
+    for cluster in config.get("clusters", []):
+        ports.update(int(str(e).rsplit(":", 1)[1]) for e in cluster.get("endpoints", [])
+                     if ":" in str(e))
+    return ports
+
+
 class Stack:
     def __init__(self, tmp_path: Path, config: dict[str, Any]) -> None:
         self.dir = tmp_path
         self.config_path = tmp_path / "meshgate.yaml"
         self.config = config
-        self.xds_port = free_port()
-        self.http_port = free_port()
+        # Two different ports, and none the config names: a probed port is free again, and
+        # the listeners' ports are bound only once the proxies start.
+        self.xds_port, self.http_port = distinct_free_ports(2, avoid=config_ports(config))
         self.server: subprocess.Popen[bytes] | None = None
         self.envoys: dict[str, EnvoyHandle] = {}
         self.sidecars: dict[str, SidecarHandle] = {}
@@ -158,13 +170,19 @@ class Stack:
         self.stop_server()
         self.start_server()
 
+    def _spare_port(self) -> int:
+        """A free port that none of this stack's servers or configured listeners use."""
+        taken = config_ports(self.config) | {self.xds_port, self.http_port}
+        taken.update(h.admin_port for h in [*self.envoys.values(), *self.sidecars.values()])
+        return distinct_free_ports(1, avoid=taken)[0]
+
     def server_log(self) -> str:
         return (self.dir / "control-server.log").read_text(errors="replace")
 
     def start_envoy(self, node_id: str = "envoy-0", *, node_cluster: str = "envoy",
                     delta: bool = False, wait: bool = True,
                     extra_args: tuple[str, ...] = ()) -> EnvoyHandle:
-        admin_port = free_port()
+        admin_port = self._spare_port()
         bootstrap = envoy_bootstrap(node_id=node_id, node_cluster=node_cluster,
                                     xds_host="127.0.0.1", xds_port=self.xds_port,
                                     admin_port=admin_port, delta=delta)
@@ -189,7 +207,7 @@ class Stack:
     def start_sidecar(self, node_id: str = "sidecar-0", *, delta: bool = True,
                       wait: bool = True) -> SidecarHandle:
         """meshgate's sidecar as a user starts it, in node cluster `meshgate-sidecar`."""
-        admin_port = free_port()
+        admin_port = self._spare_port()
         log_path = self.dir / f"sidecar-{node_id}.log"
         argv = [sys.executable, "-m", "meshgate.cli", "sidecar", "--xds",
                 f"127.0.0.1:{self.xds_port}", "--node-id", node_id, "--node-cluster",
