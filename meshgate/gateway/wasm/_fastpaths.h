@@ -752,6 +752,42 @@ done:
     return result;
 }
 
+/* A Python answer `r` (stolen), `(status, bytes)`, handed to the guest: the status, and
+ * on OK the bytes copied out to the return slots. `who` names the answerer in the
+ * TypeError a malformed answer raises. */
+static int
+hand_back(Guest *g, raw_val *vals, PyObject *r, uint32_t ret_ptr, uint32_t ret_size,
+          const char *who)
+{
+    PyObject *result = NULL;
+    long status = -1;
+    if (PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 2) {
+        status = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+        result = PyBytes_FromObject(PyTuple_GET_ITEM(r, 1));
+    } else {
+        PyErr_Format(PyExc_TypeError, "%s answers (status, bytes)", who);
+    }
+    Py_DECREF(r);
+    if (result == NULL || (status == -1 && PyErr_Occurred())) {
+        Py_XDECREF(result);
+        return RAISED;
+    }
+    int rc = 0;
+    if (status == ST_OK) {
+        /* the Python code may have grown the guest's memory; the slots stay valid */
+        if (guest_size(g) == 0)
+            rc = copy_out(g, PyBytes_AS_STRING(result), PyBytes_GET_SIZE(result), ret_ptr,
+                          ret_size);
+        else
+            rc = -1;
+    }
+    Py_DECREF(result);
+    if (rc < 0)
+        return RAISED;
+    set_status(vals, (int)status);
+    return HANDLED;
+}
+
 /* proxy_call_foreign_function(name_ptr, name_size, args_ptr, args_size, ret_ptr, ret_size):
  * the host's call_foreign (Python: the foreign functions are Python), without the
  * Python layer of marshalling around it. */
@@ -776,33 +812,7 @@ fast_call_foreign(Guest *g, raw_val *vals)
     Py_XDECREF(args);
     if (r == NULL)
         return RAISED;
-    PyObject *result = NULL;
-    long status = -1;
-    if (PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 2) {
-        status = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
-        result = PyBytes_FromObject(PyTuple_GET_ITEM(r, 1));
-    } else {
-        PyErr_SetString(PyExc_TypeError, "a foreign function answers (status, bytes)");
-    }
-    Py_DECREF(r);
-    if (result == NULL || (status == -1 && PyErr_Occurred())) {
-        Py_XDECREF(result);
-        return RAISED;
-    }
-    int rc = 0;
-    if (status == ST_OK) {
-        /* the guest may have grown its memory meanwhile; the slots stay valid */
-        if (guest_size(g) == 0)
-            rc = copy_out(g, PyBytes_AS_STRING(result), PyBytes_GET_SIZE(result), ret_ptr,
-                          ret_size);
-        else
-            rc = -1;
-    }
-    Py_DECREF(result);
-    if (rc < 0)
-        return RAISED;
-    set_status(vals, (int)status);
-    return HANDLED;
+    return hand_back(g, vals, r, ret_ptr, ret_size, "a foreign function");
 }
 
 /* proxy_get_property(path_ptr, path_size, ret_ptr, ret_size): properties.get_property,
@@ -833,23 +843,7 @@ fast_get_property(Guest *g, raw_val *vals)
     Py_XDECREF(path);
     if (r == NULL)
         return RAISED;
-    PyObject *value = NULL;
-    long status = -1;
-    if (PyTuple_Check(r) && PyTuple_GET_SIZE(r) == 2 && PyBytes_Check(PyTuple_GET_ITEM(r, 1))) {
-        status = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
-        value = Py_NewRef(PyTuple_GET_ITEM(r, 1));
-    } else {
-        PyErr_SetString(PyExc_TypeError, "get_property answers (status, bytes)");
-    }
-    Py_DECREF(r);
-    int rc = value == NULL || (status == -1 && PyErr_Occurred()) ? -1 : 0;
-    if (rc == 0 && status == ST_OK)
-        rc = copy_out(g, PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), ret_ptr, ret_size);
-    Py_XDECREF(value);
-    if (rc < 0)
-        return RAISED;
-    set_status(vals, (int)status);
-    return HANDLED;
+    return hand_back(g, vals, r, ret_ptr, ret_size, "get_property");
 }
 
 static int
