@@ -144,9 +144,7 @@ class PluginChain:
         return self._then(rest, self._request_edits, hmap, headers)
 
     def _request_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
-        if hmap.edits:  # most plugins only read request headers: skip the copy back
-            self.path = hmap.get(":path")
-            (_WASM or _wasm()).write_back(hmap, headers)
+        self.path = (_WASM or _wasm()).written_back(hmap, headers, ":path")
 
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         rest = self.begin_response_headers(status, headers)
@@ -162,20 +160,18 @@ class PluginChain:
         streams = self.reversed_streams
         out = wasm.headers_phase(streams, wasm.RESPONSE_HEADERS, [(":status", str(status))],
                                  headers, False, status, ":status")
-        if out is None:
-            return None
-        if out.__class__ is not tuple:  # edited, and written back: the new :status
-            self.status = int(out) if out.isdigit() else None
+        if out.__class__ is not tuple:  # settled: None, or written back and the new :status
+            if out is not None:  # inline, not _response_edits: this runs every response
+                self.status = int(out) if out.isdigit() else None
             return None
         hmap, stopped = out
         rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False, status)
         return self._then(rest, self._response_edits, hmap, headers)
 
     def _response_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
-        if hmap.edits:
-            new_status = hmap.get(":status")
-            self.status = int(new_status) if new_status and new_status.isdigit() else None
-            (_WASM or _wasm()).write_back(hmap, headers)
+        edited = (_WASM or _wasm()).written_back(hmap, headers, ":status")
+        if edited is not None:  # a :status that is no number keeps the upstream's
+            self.status = int(edited) if edited.isdigit() else None
 
     @staticmethod
     async def _then(rest: Awaitable[None], after: Callable[[Any, Any], None], hmap: Any,

@@ -52,7 +52,7 @@ from .actions import (
 from .context import Buffer, StreamInfo
 from .headers import HeaderMap
 from .host import PluginHost
-from .phases import body_phase, headers_phase, stream_info, write_back
+from .phases import body_phase, headers_phase, stream_info, write_back, written_back
 from .services import ForeignCall, ForeignFunction, HostServices, HttpCallDispatcher
 from .stream import (
     REQUEST_HEADERS,
@@ -93,4 +93,5 @@ __all__ = [
     "open_streams",
     "stream_info",
     "write_back",
+    "written_back",
 ]

@@ -23,7 +23,7 @@ from .stream import REQUEST_HEADERS, RESPONSE_BODY, RESPONSE_HEADERS, drive_phas
 Unsettled = tuple[Any, tuple[int, Any]]
 
 __all__ = ["REQUEST_HEADERS", "RESPONSE_HEADERS", "RESPONSE_BODY", "body_phase",
-           "headers_phase", "stream_info", "write_back"]
+           "headers_phase", "stream_info", "write_back", "written_back"]
 
 
 def write_back(hmap: HeaderMap, headers: Any) -> None:
@@ -60,12 +60,19 @@ def headers_phase_py(streams: list[Any], phase: int, pseudo: list[tuple[str, str
     When every plugin continued: None if none edited the map; else the edits are on
     ``headers`` and the answer is the ``watched`` pseudo-header's value after them (None
     if a plugin removed it). Otherwise ``(map, (index, action))``: the caller carries out
-    the action, goes on from ``index + 1`` and writes back itself.
+    the action, goes on from ``index + 1`` and then calls ``written_back``.
     """
     hmap = HeaderMap.with_pseudo(pseudo, headers)
     stopped = drive_phase(streams, 0, phase, hmap, end_of_stream, code)
     if stopped is not None:
         return hmap, stopped
+    return written_back(hmap, headers, watched)
+
+
+def written_back(hmap: HeaderMap, headers: Any, watched: str) -> str | None:
+    """A settled phase's end: None if no plugin edited ``hmap``; else its edits written
+    onto ``headers`` and the ``watched`` pseudo-header's value after them (None if
+    removed). The data path calls it itself after a phase that paused."""
     if not hmap.edits:
         return None
     write_back(hmap, headers)

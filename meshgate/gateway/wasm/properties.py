@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from urllib.parse import urlsplit
 
 from ._rawcall import compiled_function
@@ -40,10 +41,21 @@ def _header(ctx: StreamContext, name: str) -> str | None:
     return ctx.request_headers.joined(name) if ctx.request_headers is not None else None
 
 
-def _request(ctx: StreamContext, field: str) -> bytes | None:
+def _path(ctx: StreamContext) -> bytes | None:
     path = _header(ctx, ":path")
+    return path.encode() if path is not None else None
+
+
+def _address(ctx: StreamContext, side: str) -> bytes | None:
+    """``source.address`` (``side`` "source") or ``destination.address``."""
+    address = ctx.info.address(side)
+    return address.encode() if address else None
+
+
+def _request(ctx: StreamContext, field: str) -> bytes | None:
     if field == "path":
-        return path.encode() if path is not None else None
+        return _path(ctx)
+    path = _header(ctx, ":path")
     if field == "url_path":
         return urlsplit(path).path.encode() if path is not None else None
     if field == "query":
@@ -79,11 +91,10 @@ def _stream_property(ctx: StreamContext, ident: PluginIdentity,
             return serialize_pairs([(k.encode(), v.encode()) for k, v in ctx.request_headers])
         return _request(ctx, rest[0]) if len(rest) == 1 else None
     if top in ("source", "destination") and len(rest) == 1:
-        address = info.address(top)
         if rest[0] == "address":
-            return address.encode() if address else None
+            return _address(ctx, top)
         if rest[0] == "port":
-            port = _port(address)
+            port = _port(info.address(top))
             return _int(port) if port is not None else None
         return None
     if top == "connection" and len(rest) == 1:
@@ -125,24 +136,12 @@ _PLUGIN: dict[str, Callable[[PluginIdentity], bytes]] = {
 }
 
 
-def _address(side: str) -> Callable[[StreamContext], bytes | None]:
-    def read(ctx: StreamContext) -> bytes | None:
-        address = ctx.info.address(side)
-        return address.encode() if address else None
-    return read
-
-
-def _path(ctx: StreamContext) -> bytes | None:
-    path = _header(ctx, ":path")
-    return path.encode() if path is not None else None
-
-
 #: The stream properties plugins read on every request (a rate limit keyed by client
 #: address, a policy on the path), answered without parsing the path; what they answer
 #: is what `_stream_property` answers for the same names (decision 2400).
 _EVERY_REQUEST: dict[bytes, Callable[[StreamContext], bytes | None]] = {
-    b"source\0address": _address("source"),
-    b"destination\0address": _address("destination"),
+    b"source\0address": partial(_address, side="source"),
+    b"destination\0address": partial(_address, side="destination"),
     b"request\0path": _path,
 }
 
@@ -151,14 +150,14 @@ def get_property(ctx: Context, ident: PluginIdentity, raw_path: bytes) -> tuple[
     """Answer ``proxy_get_property`` for ``raw_path`` in context ``ctx``."""
     if not raw_path:
         return Status.SERIALIZATION_FAILURE, b""
-    stream = ctx if isinstance(ctx, StreamContext) else None
-    state = stream.info.filter_state if stream is not None else None
-    if state and raw_path in state:
-        return Status.OK, state[raw_path]
-    read = _EVERY_REQUEST.get(raw_path) if stream is not None else None
-    if read is not None:
-        value = read(stream)  # type: ignore[arg-type]
-        return (Status.OK, value) if value is not None else (Status.NOT_FOUND, b"")
+    if isinstance(ctx, StreamContext):
+        state = ctx.info.filter_state
+        if state and raw_path in state:
+            return Status.OK, state[raw_path]
+        read = _EVERY_REQUEST.get(raw_path)
+        if read is not None:
+            value = read(ctx)
+            return (Status.OK, value) if value is not None else (Status.NOT_FOUND, b"")
     segs = raw_path.decode("utf-8", "replace").rstrip("\0").split("\0")
     if len(segs) == 1 and segs[0] in _PLUGIN:
         return Status.OK, _PLUGIN[segs[0]](ident)
