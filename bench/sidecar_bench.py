@@ -37,6 +37,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -66,10 +67,13 @@ def plugin(name: str) -> Path:
     raise SystemExit(f"plugin {name} not built: run `make setup` first")
 
 
-def mesh_config(ports: dict[str, int]) -> dict[str, object]:
+def mesh_config(ports: dict[str, int], floor: bool = False) -> dict[str, object]:
+    """The benches' mesh. `floor` adds, on the sidecar only, a listener whose two plugins
+    do nothing: the floor under any pair of SDK plugins (`bench/sidecar_profile.py
+    --floor`)."""
     key_sha = hashlib.sha256(API_KEY.encode()).hexdigest()
     route = [{"name": "all", "prefix": "/", "cluster": "upstream"}]
-    return {
+    config: dict[str, Any] = {
         "listeners": [
             {"name": "bare", "port": ports["bare"], "routes": route},
             {
@@ -78,10 +82,6 @@ def mesh_config(ports: dict[str, int]) -> dict[str, object]:
                 "routes": route,
                 "plugins": ["rate-limit", "auth"],
             },
-            # Two plugins that do nothing: the floor under any pair of SDK plugins
-            # (`bench/sidecar_profile.py --floor`).
-            {"name": "floor", "port": ports["floor"], "routes": route,
-             "plugins": ["noop-1", "noop-2"]},
         ],  # fmt: skip
         "clusters": [{"name": "upstream", "endpoints": [f"127.0.0.1:{ports['upstream']}"]}],
         "plugins": [
@@ -97,17 +97,22 @@ def mesh_config(ports: dict[str, int]) -> dict[str, object]:
                 "wasm": str(plugin("auth.wasm")),
                 "config": {"api_keys": {"keys": [{"id": "bench", "sha256": key_sha}]}},
             },
-            {"name": "noop-1", "wasm": str(plugin("noop.wasm"))},
-            {"name": "noop-2", "wasm": str(plugin("noop.wasm"))},
         ],  # fmt: skip
         "nodes": [
-            {"cluster": "meshgate-sidecar", "listeners": ["bare", "plugged", "floor"]},
+            {"cluster": "meshgate-sidecar", "listeners": ["bare", "plugged"]},
             {"cluster": "envoy", "listeners": ["plugged"], "ports": {"plugged": ports["envoy"]}},
             # The sidecar started from --compare's tree, on ports of its own.
             {"cluster": "sidecar-compare", "listeners": ["bare", "plugged"],
              "ports": {"bare": ports["cmp_bare"], "plugged": ports["cmp_plugged"]}},
         ],
     }
+    if floor:
+        config["listeners"].append({"name": "floor", "port": ports["floor"], "routes": route,
+                                    "plugins": ["noop-1", "noop-2"]})
+        config["plugins"] += [{"name": name, "wasm": str(plugin("noop.wasm"))}
+                              for name in ("noop-1", "noop-2")]
+        config["nodes"][0]["listeners"].append("floor")
+    return config
 
 
 @contextlib.contextmanager
@@ -204,15 +209,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_mesh(stack: contextlib.ExitStack, tmp: Path) -> dict[str, int]:
-    """A free port for every part, `tmp`/meshgate.yaml, and the upstream and the control
-    server started (stopped with `stack`). The sidecars and Envoy are the caller's."""
+def start_mesh(stack: contextlib.ExitStack, tmp: Path, floor: bool = False) -> dict[str, int]:
+    """A free port for every part, `tmp`/meshgate.yaml (`mesh_config`), and the upstream
+    and the control server started (stopped with `stack`). The sidecars and Envoy are the
+    caller's."""
     import yaml
 
     names = ("upstream", "bare", "plugged", "floor", "envoy", "xds", "http", "admin", "envoy_admin",
              "cmp_bare", "cmp_plugged", "cmp_admin")  # fmt: skip
-    ports = {name: free_port() for name in names}
-    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports)))
+    found: set[int] = set()
+    while len(found) < len(names):  # a probed port is free again: one may come back
+        found.add(free_port())
+    ports = dict(zip(names, found, strict=True))
+    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports, floor)))
     stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
     stack.enter_context(process(
         [PY, "-m", "meshgate.cli", "serve", "--config", str(tmp / "meshgate.yaml"),

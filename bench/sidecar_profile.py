@@ -112,7 +112,7 @@ def run(seconds: int, rounds: int, pin: bool, gc_young_threshold: int | None = N
     listeners = ("bare", "plugged", "floor") if floor else ("bare", "plugged")
     results: dict[str, list[Round]] = {name: [] for name in listeners}
     with contextlib.ExitStack() as stack:
-        ports = start_mesh(stack, tmp)
+        ports = start_mesh(stack, tmp, floor)
         sidecar = stack.enter_context(process(
             [*proxy_cpu, PY, *sidecar_args(ports["xds"], ports["admin"], "profile-bench"),
              *threshold_args(gc_young_threshold)],
