@@ -37,9 +37,10 @@ init_phases(void)
                : -1;
 }
 
-/* One logged edit (op, name, value) replayed on `headers`; pseudo-headers are not there. */
+/* One logged edit (op, name, value) replayed on `headers`; pseudo-headers are not there.
+ * `*touched` becomes 1 if the edit names `watched`. */
 static int
-replay_edit(PyObject *headers, PyObject *edit)
+replay_edit(PyObject *headers, PyObject *edit, PyObject *watched, int *touched)
 {
     if (!PyTuple_CheckExact(edit) || PyTuple_GET_SIZE(edit) != 3) {
         PyErr_SetString(PyExc_TypeError, "a header map's log holds (op, name, value)");
@@ -47,8 +48,13 @@ replay_edit(PyObject *headers, PyObject *edit)
     }
     PyObject *name = PyTuple_GET_ITEM(edit, 1), *value = PyTuple_GET_ITEM(edit, 2);
     if (PyUnicode_Check(name) && PyUnicode_GET_LENGTH(name) > 0 &&
-        PyUnicode_READ_CHAR(name, 0) == ':')
+        PyUnicode_READ_CHAR(name, 0) == ':') {
+        int same = PyUnicode_Compare(name, watched);
+        if (same == -1 && PyErr_Occurred())
+            return -1;
+        *touched |= same == 0;
         return 0;
+    }
     long op = PyLong_AsLong(PyTuple_GET_ITEM(edit, 0));
     if (op == -1 && PyErr_Occurred())
         return -1;
@@ -63,9 +69,10 @@ replay_edit(PyObject *headers, PyObject *edit)
     return out == NULL ? -1 : 0;
 }
 
-/* phases.write_back(hmap, headers), compiled for a map whose log is a list. */
+/* phases.write_back(hmap, headers), compiled for a map whose log is a list. `*touched`
+ * becomes 1 if an edit named `watched`, or if the map was replaced whole. */
 static int
-write_back_edits(PyObject *hmap, PyObject *headers)
+write_back_edits(PyObject *hmap, PyObject *headers, PyObject *watched, int *touched)
 {
     PyObject *log = GETATTR(hmap, s_log);
     if (log == NULL)
@@ -76,10 +83,11 @@ write_back_edits(PyObject *hmap, PyObject *headers)
          * could run code that edits the map. */
         for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(log); i++) {
             PyObject *edit = Py_NewRef(PyList_GET_ITEM(log, i));
-            rc = replay_edit(headers, edit);
+            rc = replay_edit(headers, edit, watched, touched);
             Py_DECREF(edit);
         }
     } else { /* None after replace_all: the reference rebuilds the headers */
+        *touched = 1;
         PyObject *out = PyObject_CallFunctionObjArgs(p_write_back, hmap, headers, NULL);
         rc = out == NULL ? -1 : 0;
         Py_XDECREF(out);
@@ -197,10 +205,11 @@ headers_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int edited = edits ? PyObject_IsTrue(edits) : -1;
     Py_XDECREF(edits);
     PyObject *out = NULL;
+    int touched = 0;
     if (edited == 0)
         out = Py_NewRef(Py_None);
-    else if (edited > 0 && write_back_edits(hmap, headers) == 0)
-        out = first_value(hmap, args[6]);
+    else if (edited > 0 && write_back_edits(hmap, headers, args[6], &touched) == 0)
+        out = touched ? first_value(hmap, args[6]) : Py_NewRef(Py_None);
     Py_DECREF(hmap);
     return out;
 }

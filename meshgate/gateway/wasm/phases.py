@@ -57,9 +57,8 @@ def headers_phase_py(streams: list[Any], phase: int, pseudo: list[tuple[str, str
                      watched: str) -> str | Unsettled | None:
     """The plugins over a map of ``pseudo`` then ``headers``, in ``streams``' order.
 
-    When every plugin continued: None if none edited the map; else the edits are on
-    ``headers`` and the answer is the ``watched`` pseudo-header's value after them (None
-    if a plugin removed it). Otherwise ``(map, (index, action))``: the caller carries out
+    When every plugin continued, the edits are on ``headers`` and the answer is what
+    ``written_back`` answers. Otherwise ``(map, (index, action))``: the caller carries out
     the action, goes on from ``index + 1`` and then calls ``written_back``.
     """
     hmap = HeaderMap.with_pseudo(pseudo, headers)
@@ -70,12 +69,20 @@ def headers_phase_py(streams: list[Any], phase: int, pseudo: list[tuple[str, str
 
 
 def written_back(hmap: HeaderMap, headers: Any, watched: str) -> str | None:
-    """A settled phase's end: None if no plugin edited ``hmap``; else its edits written
-    onto ``headers`` and the ``watched`` pseudo-header's value after them (None if
-    removed). The data path calls it itself after a phase that paused."""
+    """A settled phase's end: the edits of ``hmap`` written onto ``headers``, and the
+    ``watched`` pseudo-header's value if an edit named it (None if none did, or if one
+    removed it: the caller keeps its own). The data path calls it itself after a phase
+    that paused.
+
+    Plugins edit ordinary headers far more often than ``:path`` or ``:status`` (a rate
+    limiter's quota headers on every response): the map is not searched for a
+    pseudo-header no edit named (decision 2500)."""
     if not hmap.edits:
         return None
     write_back(hmap, headers)
+    log = hmap.log
+    if log is not None and all(name != watched for _, name, _ in log):
+        return None
     return hmap.get(watched)
 
 

@@ -107,6 +107,18 @@ async def test_edits_are_written_back_and_the_watched_pseudo_header_answered(
         ("host", "svc"), ("x-kept", "2"), ("x-added", "1")]
     finish(streams)
 
+async def test_edits_that_name_no_pseudo_header_answer_none_with_the_edits_written(
+        load: Any, impl: Any) -> None:
+    # A rate limiter's quota headers on every response: the caller keeps its own :status.
+    edits = call("proxy_replace_header_map_value", 2, "kept", "two") + " (i32.const 0)"
+    streams = await streams_of(load, edits, phase="on_response_headers")
+    headers = CIMultiDict([("Server", "up")])
+    out = impl[0](streams, RESPONSE_HEADERS, [(":status", "200")], headers, False, 200,
+                  ":status")
+    assert out is None and list(headers.items()) == [("Server", "up"), ("x-kept", "2")]
+    finish(streams)
+
+
 
 async def test_a_removed_watched_header_answers_none_with_the_edits_written(
         load: Any, impl: Any) -> None:
