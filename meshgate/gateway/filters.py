@@ -136,15 +136,15 @@ class PluginChain:
         out = wasm.headers_phase(self.streams, wasm.REQUEST_HEADERS, [
             (":method", method), (":path", path), (":authority", request.host),
             (":scheme", request.scheme)], headers, end, None, ":path")
-        if out.__class__ is not tuple:  # settled: None, or written back and the new :path
+        if out.__class__ is not tuple:  # settled: None, or the :path a plugin set
             self.path = out
             return None
         hmap, stopped = out
         rest = self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap, end, None)
-        return self._then(rest, self._request_edits, hmap, headers)
+        return self._then(rest, self._request_edits, hmap)
 
-    def _request_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
-        self.path = (_WASM or _wasm()).written_back(hmap, headers, ":path")
+    def _request_edits(self, hmap: Any) -> None:
+        self.path = (_WASM or _wasm()).edited_pseudo(hmap, ":path")
 
     async def response_headers(self, status: int, headers: CIMultiDict[str]) -> None:
         rest = self.begin_response_headers(status, headers)
@@ -160,24 +160,23 @@ class PluginChain:
         streams = self.reversed_streams
         out = wasm.headers_phase(streams, wasm.RESPONSE_HEADERS, [(":status", str(status))],
                                  headers, False, status, ":status")
-        if out.__class__ is not tuple:  # settled: None, or written back and the new :status
+        if out.__class__ is not tuple:  # settled: None, or the :status a plugin set
             if out is not None:  # inline, not _response_edits: this runs every response
                 self.status = int(out) if out.isdigit() else None
             return None
         hmap, stopped = out
         rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False, status)
-        return self._then(rest, self._response_edits, hmap, headers)
+        return self._then(rest, self._response_edits, hmap)
 
-    def _response_edits(self, hmap: Any, headers: CIMultiDict[str]) -> None:
-        edited = (_WASM or _wasm()).written_back(hmap, headers, ":status")
+    def _response_edits(self, hmap: Any) -> None:
+        edited = (_WASM or _wasm()).edited_pseudo(hmap, ":status")
         if edited is not None:  # a :status that is no number keeps the upstream's
             self.status = int(edited) if edited.isdigit() else None
 
     @staticmethod
-    async def _then(rest: Awaitable[None], after: Callable[[Any, Any], None], hmap: Any,
-                    headers: CIMultiDict[str]) -> None:
+    async def _then(rest: Awaitable[None], after: Callable[[Any], None], hmap: Any) -> None:
         await rest
-        after(hmap, headers)
+        after(hmap)
 
     @staticmethod
     async def _rest_of_phase(streams: list[Any], stopped: tuple[int, Any] | None, phase: int,

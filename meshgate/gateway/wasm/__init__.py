@@ -50,9 +50,9 @@ from .actions import (
     StreamAction,
 )
 from .context import Buffer, StreamInfo
-from .headers import HeaderMap
+from .headers import HeaderMap, LiveHeaderMap
 from .host import PluginHost
-from .phases import body_phase, headers_phase, stream_info, write_back, written_back
+from .phases import body_phase, edited_pseudo, headers_phase, stream_info
 from .services import ForeignCall, ForeignFunction, HostServices, HttpCallDispatcher
 from .stream import (
     REQUEST_HEADERS,
@@ -78,6 +78,7 @@ __all__ = [
     "HostServices",
     "HttpCallDispatcher",
     "HttpStream",
+    "LiveHeaderMap",
     "LocalReply",
     "PluginHost",
     "PluginLoadError",
@@ -88,10 +89,9 @@ __all__ = [
     "StreamInfo",
     "body_phase",
     "drive_phase",
+    "edited_pseudo",
     "finish_streams",
     "headers_phase",
     "open_streams",
     "stream_info",
-    "write_back",
-    "written_back",
 ]

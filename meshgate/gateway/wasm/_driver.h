@@ -433,6 +433,26 @@ drive(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return drive_args(args);
 }
 
+/* How many headers a map holds (len(map), without a Python frame for a LiveHeaderMap's
+ * __len__); -1 with an exception. */
+static Py_ssize_t
+map_length(PyObject *map)
+{
+    if (!is_live(map)) {
+        PyObject *items = GETATTR(map, d_items);
+        Py_ssize_t n = items ? PyObject_Length(items) : -1;
+        Py_XDECREF(items);
+        return n;
+    }
+    PyObject *pseudo = GETATTR(map, s_pseudo);
+    PyObject *headers = pseudo ? GETATTR(map, s_headers) : NULL;
+    Py_ssize_t a = headers ? PyObject_Length(pseudo) : -1;
+    Py_ssize_t b = a < 0 ? -1 : PyObject_Length(headers);
+    Py_XDECREF(pseudo);
+    Py_XDECREF(headers);
+    return b < 0 ? -1 : a + b;
+}
+
 /* One stream's context takes what the phase shows it (HttpStream.begin_*'s first lines);
  * `*size` is what the callback gets as its size argument. 0 or -1. */
 static int
@@ -453,9 +473,8 @@ show_phase(PyObject *ctx, long phase, PyObject *payload, PyObject *code, PyObjec
              SETATTR(ctx, d_response_code, code) < 0 ||
              SETATTR(ctx, d_response_code_details, d_via_upstream) < 0 ? -1 : 0;
     /* The count after the plugins before this one: they may have added or removed. */
-    PyObject *items = rc < 0 ? NULL : GETATTR(payload, d_items);
-    *size = items ? PyLong_FromSsize_t(PyObject_Length(items)) : NULL;
-    Py_XDECREF(items);
+    Py_ssize_t n = rc < 0 ? -1 : map_length(payload);
+    *size = n < 0 ? NULL : PyLong_FromSsize_t(n);
     return *size == NULL ? -1 : 0;
 }
 

@@ -41,7 +41,9 @@ enum { EDIT_SET = 0, EDIT_ADD = 1, EDIT_REMOVE = 2 };
 static PyObject *s_t, *s_effective, *s_vm, *s_mem, *s_base, *s_size, *s_alloc, *s_call,
     *s_items, *s_edits, *s_log, *s_check, *s_maps[4], *s_services, *s_metrics,
     *s_metrics_table, *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity,
-    *s_vm_id, *s_call_foreign;
+    *s_vm_id, *s_call_foreign, *s_pseudo, *s_headers, *s_get, *s_add, *s_popall;
+/* headers.LiveHeaderMap, set by configure_phases(); NULL until then. */
+static PyTypeObject *live_map_type;
 static PyObject *guest_memory_error; /* set by configure(); NULL until then */
 /* properties.get_property, set by configure_properties(); NULL: the Python method runs. */
 static PyObject *get_property_fn;
@@ -77,6 +79,11 @@ init_fast_paths(void)
     INTERN(s_identity, "identity");
     INTERN(s_vm_id, "vm_id");
     INTERN(s_call_foreign, "call_foreign");
+    INTERN(s_pseudo, "pseudo");
+    INTERN(s_headers, "headers");
+    INTERN(s_get, "get");
+    INTERN(s_add, "add");
+    INTERN(s_popall, "popall");
     for (int i = 0; i < 4; i++)
         INTERN(s_maps[i], maps[i]);
 #undef INTERN
@@ -364,6 +371,158 @@ copy_out(Guest *g, const char *data, Py_ssize_t n, uint32_t ret_ptr, uint32_t re
     return 0;
 }
 
+/* read_str: the guest's bytes as text, invalid UTF-8 replaced. */
+static PyObject *
+guest_text(const Guest *g, uint32_t ptr, uint32_t len)
+{
+    if (!in_bounds(g, ptr, len))
+        return NULL;
+    return PyUnicode_DecodeUTF8((const char *)g->base + ptr, len, "replace");
+}
+
+/* A LiveHeaderMap (decision 2500): its ordinary headers are the data path's CIMultiDict,
+ * edited in place. Pseudo-header names answer FALLBACK here: Python edits those. */
+static inline int
+is_live(PyObject *map)
+{
+    return live_map_type != NULL && Py_IS_TYPE(map, live_map_type);
+}
+
+/* The live map's CIMultiDict (new reference), or NULL with FALLBACK for a pseudo-header
+ * name or an unexpected map. */
+static PyObject *
+live_headers(PyObject *map, PyObject *key)
+{
+    if (PyUnicode_GET_LENGTH(key) > 0 && PyUnicode_READ_CHAR(key, 0) == ':')
+        return NULL;
+    PyObject *headers = GETATTR(map, s_headers);
+    if (headers == NULL)
+        PyErr_Clear();
+    return headers;
+}
+
+/* A value handed to the guest: its UTF-8 copied out; OK, or RAISED. */
+static int
+hand_value(Guest *g, raw_val *vals, PyObject *value, uint32_t ret_ptr, uint32_t ret_size)
+{
+    Py_ssize_t len;
+    const char *data = PyUnicode_AsUTF8AndSize(value, &len);
+    if (data == NULL || copy_out(g, data, len, ret_ptr, ret_size) < 0)
+        return RAISED;
+    set_status(vals, ST_OK);
+    return HANDLED;
+}
+
+/* The first value of pseudo-header `key` in a live map's list (a new reference, None if
+ * absent), or NULL with FALLBACK for a list that is not of (str, str) pairs. */
+static PyObject *
+live_pseudo(PyObject *map, PyObject *key)
+{
+    PyObject *pseudo = GETATTR(map, s_pseudo);
+    if (pseudo == NULL || !PyList_CheckExact(pseudo)) {
+        Py_XDECREF(pseudo);
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *found = Py_None;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(pseudo); i++) {
+        PyObject *kv = PyList_GET_ITEM(pseudo, i);
+        if (!PyTuple_CheckExact(kv) || PyTuple_GET_SIZE(kv) != 2) {
+            found = NULL;
+            break;
+        }
+        if (same_ascii(PyTuple_GET_ITEM(kv, 0), key)) {
+            found = PyTuple_GET_ITEM(kv, 1);
+            break;
+        }
+    }
+    Py_XINCREF(found);
+    Py_DECREF(pseudo);
+    return found;
+}
+
+/* proxy_get_header_map_value on a live map: the pseudo-headers' list, or
+ * CIMultiDict.get for an ordinary header. */
+static int
+live_get_header(Guest *g, raw_val *vals, PyObject *map, PyObject *key)
+{
+    uint32_t ret_ptr = (uint32_t)vals[3].i32, ret_size = (uint32_t)vals[4].i32;
+    if (!in_bounds(g, ret_ptr, 4) || !in_bounds(g, ret_size, 4))
+        return FALLBACK;
+    PyObject *value;
+    if (PyUnicode_GET_LENGTH(key) > 0 && PyUnicode_READ_CHAR(key, 0) == ':') {
+        if ((value = live_pseudo(map, key)) == NULL)
+            return FALLBACK;
+    } else {
+        PyObject *headers = GETATTR(map, s_headers);
+        if (headers == NULL) {
+            PyErr_Clear();
+            return FALLBACK;
+        }
+        PyObject *args[2] = {headers, key};
+        value = PyObject_VectorcallMethod(s_get, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                          NULL);
+        Py_DECREF(headers);
+        if (value == NULL)
+            return RAISED;
+    }
+    int rc;
+    if (value == Py_None) {
+        set_status(vals, ST_NOT_FOUND);
+        rc = HANDLED;
+    } else {
+        rc = PyUnicode_Check(value) ? hand_value(g, vals, value, ret_ptr, ret_size) : FALLBACK;
+    }
+    Py_DECREF(value);
+    return rc;
+}
+
+enum { LIVE_SET, LIVE_ADD, LIVE_REMOVE };
+
+/* An edit of a live map's ordinary header, straight on the CIMultiDict: a replace
+ * (`headers[key] = value`, which replaces the first value in place and drops the others,
+ * as HeaderMap.set does), an add, or a removal. */
+static int
+live_edit(Guest *g, raw_val *vals, PyObject *map, PyObject *key, int op)
+{
+    PyObject *headers = live_headers(map, key);
+    if (headers == NULL)
+        return FALLBACK;
+    PyObject *value = NULL, *out = NULL;
+    int rc = FALLBACK;
+    if (op == LIVE_REMOVE) {
+        PyObject *args[3] = {headers, key, Py_None};
+        out = PyObject_VectorcallMethod(s_popall, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                        NULL);
+        rc = out == NULL ? RAISED : HANDLED;
+    } else if ((value = guest_text(g, (uint32_t)vals[3].i32, (uint32_t)vals[4].i32)) == NULL) {
+        PyErr_Clear(); /* out of bounds: Python raises the guest's error */
+    } else if (op == LIVE_ADD) {
+        PyObject *args[3] = {headers, key, value};
+        out = PyObject_VectorcallMethod(s_add, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        rc = out == NULL ? RAISED : HANDLED;
+    } else {
+        rc = PyObject_SetItem(headers, key, value) < 0 ? RAISED : HANDLED;
+    }
+    Py_XDECREF(out);
+    Py_XDECREF(value);
+    Py_DECREF(headers);
+    if (rc == HANDLED)
+        set_status(vals, ST_OK);
+    return rc;
+}
+
+/* A live edit's result, the map and key released. */
+static int
+live_done(int rc, PyObject *map, PyObject *key)
+{
+    if (rc == FALLBACK)
+        PyErr_Clear();
+    Py_DECREF(key);
+    Py_DECREF(map);
+    return rc;
+}
+
 /* proxy_get_header_map_value(map_type, key_ptr, key_size, ret_ptr, ret_size) */
 static int
 fast_get_header(Guest *g, raw_val *vals)
@@ -377,6 +536,12 @@ fast_get_header(Guest *g, raw_val *vals)
         return HANDLED;
     }
     PyObject *key = ascii_key(g, (uint32_t)vals[1].i32, (uint32_t)vals[2].i32);
+    if (key != NULL && is_live(map)) {
+        int rc = live_get_header(g, vals, map, key);
+        Py_DECREF(key);
+        Py_DECREF(map);
+        return rc;
+    }
     PyObject *items = key ? map_items(map) : NULL;
     Py_DECREF(map);
     if (items == NULL) {
@@ -415,7 +580,8 @@ fast_get_header(Guest *g, raw_val *vals)
     return HANDLED;
 }
 
-/* The map and lower-cased key of a header edit; FALLBACK/HANDLED as effective_map. */
+/* The map and lower-cased key of a header edit, with the HeaderMap's list (NULL for a
+ * LiveHeaderMap); FALLBACK/HANDLED as effective_map. */
 static int
 edit_target(Guest *g, raw_val *vals, PyObject **map, PyObject **key, PyObject **items)
 {
@@ -427,6 +593,8 @@ edit_target(Guest *g, raw_val *vals, PyObject **map, PyObject **key, PyObject **
         return HANDLED;
     }
     *key = ascii_key(g, (uint32_t)vals[1].i32, (uint32_t)vals[2].i32);
+    if (*key != NULL && is_live(*map))
+        return HANDLED; /* *items stays NULL: the edit goes to live_edit */
     *items = *key ? map_items(*map) : NULL;
     if (*items == NULL) {
         Py_CLEAR(*map);
@@ -434,15 +602,6 @@ edit_target(Guest *g, raw_val *vals, PyObject **map, PyObject **key, PyObject **
         return FALLBACK;
     }
     return HANDLED;
-}
-
-/* read_str: the guest's bytes as text, invalid UTF-8 replaced. */
-static PyObject *
-guest_text(const Guest *g, uint32_t ptr, uint32_t len)
-{
-    if (!in_bounds(g, ptr, len))
-        return NULL;
-    return PyUnicode_DecodeUTF8((const char *)g->base + ptr, len, "replace");
 }
 
 /* proxy_{replace,add}_header_map_value(map_type, key_ptr, key_size, value_ptr, value_size) */
@@ -454,6 +613,8 @@ fast_set_header(Guest *g, raw_val *vals, int add)
         return PyErr_Occurred() ? RAISED : FALLBACK;
     if (map == NULL)
         return HANDLED;
+    if (items == NULL)
+        return live_done(live_edit(g, vals, map, key, add ? LIVE_ADD : LIVE_SET), map, key);
     int result = FALLBACK;
     PyObject *value = guest_text(g, (uint32_t)vals[3].i32, (uint32_t)vals[4].i32);
     if (value == NULL)
@@ -505,6 +666,8 @@ fast_remove_header(Guest *g, raw_val *vals)
         return PyErr_Occurred() ? RAISED : FALLBACK;
     if (map == NULL)
         return HANDLED;
+    if (items == NULL)
+        return live_done(live_edit(g, vals, map, key, LIVE_REMOVE), map, key);
     int result = RAISED;
     Py_ssize_t n = PyList_GET_SIZE(items);
     PyObject *kept = PyList_New(0);

@@ -1,28 +1,24 @@
 /* A request's phases in one C call each, as the data path runs them (decision 2300).
  *
- * `headers_phase` is `phases.headers_phase_py`: the header map built (pseudo-headers
- * first), the plugins driven over it, their edits written back onto the data path's
- * headers, and the edited pseudo-header read back. `body_phase` is `body_phase_py`, for
- * a response body read whole; `stream_info` is `stream_info_py`. In Python these were
- * eight frames a plugged request around the compiled `drive_phase`.
+ * `headers_phase` is `phases.headers_phase_py`: the plugins shown a LiveHeaderMap (the
+ * pseudo-headers, then the data path's own CIMultiDict, which their edits change in place:
+ * decision 2500) and driven over it, and the pseudo-header the data path watches read
+ * back if an edit named a pseudo-header. `body_phase` is `body_phase_py`, for a response
+ * body read whole; `stream_info` is `stream_info_py`.
  *
  * The map, the buffer and the stream info are copies of templates that `phases.py`
  * makes with the classes' own constructors (as `_streams.h` copies contexts), with what
- * differs per request set after. A map whose edits cannot be replayed (its log is None
- * after `replace_all`) is written back by the Python reference, `phases.write_back`.
+ * differs per request set after.
  */
 
-static PyObject *p_map_template, *p_buffer_template, *p_info_template, *p_write_back;
-static PyObject *p_mutable, *p_add, *p_popall, *p_request_id, *p_traceparent,
-    *p_tracestate, *p_span, *p_connection, *p_route_name, *p_cluster_name,
-    *p_start_time_ns;
+static PyObject *p_map_template, *p_buffer_template, *p_info_template;
+static PyObject *p_touched, *p_request_id, *p_traceparent, *p_tracestate, *p_span,
+    *p_connection, *p_route_name, *p_cluster_name, *p_start_time_ns;
 
 static int
 init_phases(void)
 {
-    p_mutable = PyUnicode_InternFromString("mutable");
-    p_add = PyUnicode_InternFromString("add");
-    p_popall = PyUnicode_InternFromString("popall");
+    p_touched = PyUnicode_InternFromString("touched");
     p_request_id = PyUnicode_InternFromString("request_id");
     p_traceparent = PyUnicode_InternFromString("traceparent");
     p_tracestate = PyUnicode_InternFromString("tracestate");
@@ -31,90 +27,35 @@ init_phases(void)
     p_route_name = PyUnicode_InternFromString("route_name");
     p_cluster_name = PyUnicode_InternFromString("cluster_name");
     p_start_time_ns = PyUnicode_InternFromString("start_time_ns");
-    return p_mutable && p_add && p_popall && p_request_id && p_traceparent && p_tracestate &&
-                   p_span && p_connection && p_route_name && p_cluster_name && p_start_time_ns
+    return p_touched && p_request_id && p_traceparent && p_tracestate && p_span &&
+                   p_connection && p_route_name && p_cluster_name && p_start_time_ns
                ? 0
                : -1;
 }
 
-/* One logged edit (op, name, value) replayed on `headers`; pseudo-headers are not there.
- * `*touched` becomes 1 if the edit names `watched`. */
-static int
-replay_edit(PyObject *headers, PyObject *edit, PyObject *watched, int *touched)
-{
-    if (!PyTuple_CheckExact(edit) || PyTuple_GET_SIZE(edit) != 3) {
-        PyErr_SetString(PyExc_TypeError, "a header map's log holds (op, name, value)");
-        return -1;
-    }
-    PyObject *name = PyTuple_GET_ITEM(edit, 1), *value = PyTuple_GET_ITEM(edit, 2);
-    if (PyUnicode_Check(name) && PyUnicode_GET_LENGTH(name) > 0 &&
-        PyUnicode_READ_CHAR(name, 0) == ':') {
-        int same = PyUnicode_Compare(name, watched);
-        if (same == -1 && PyErr_Occurred())
-            return -1;
-        *touched |= same == 0;
-        return 0;
-    }
-    long op = PyLong_AsLong(PyTuple_GET_ITEM(edit, 0));
-    if (op == -1 && PyErr_Occurred())
-        return -1;
-    PyObject *out;
-    if (op == EDIT_SET)
-        return PyObject_SetItem(headers, name, value);
-    if (op == EDIT_ADD)
-        out = PyObject_CallMethodObjArgs(headers, p_add, name, value, NULL);
-    else
-        out = PyObject_CallMethodObjArgs(headers, p_popall, name, Py_None, NULL);
-    Py_XDECREF(out);
-    return out == NULL ? -1 : 0;
-}
-
-/* phases.write_back(hmap, headers), compiled for a map whose log is a list. `*touched`
- * becomes 1 if an edit named `watched`, or if the map was replaced whole. */
-static int
-write_back_edits(PyObject *hmap, PyObject *headers, PyObject *watched, int *touched)
-{
-    PyObject *log = GETATTR(hmap, s_log);
-    if (log == NULL)
-        return -1;
-    int rc = 0;
-    if (PyList_CheckExact(log)) {
-        /* By index, each edit held while replayed: a mapping other than CIMultiDict
-         * could run code that edits the map. */
-        for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(log); i++) {
-            PyObject *edit = Py_NewRef(PyList_GET_ITEM(log, i));
-            rc = replay_edit(headers, edit, watched, touched);
-            Py_DECREF(edit);
-        }
-    } else { /* None after replace_all: the reference rebuilds the headers */
-        *touched = 1;
-        PyObject *out = PyObject_CallFunctionObjArgs(p_write_back, hmap, headers, NULL);
-        rc = out == NULL ? -1 : 0;
-        Py_XDECREF(out);
-    }
-    Py_DECREF(log);
-    return rc;
-}
-
-/* The first value of `name` in the map, a new reference (None if absent), or NULL. */
+/* phases.edited_pseudo: the watched pseudo-header's value (a new reference) if an edit
+ * named a pseudo-header, else None; NULL with an exception. */
 static PyObject *
-first_value(PyObject *hmap, PyObject *name)
+edited_pseudo(PyObject *hmap, PyObject *watched)
 {
-    PyObject *items = GETATTR(hmap, s_items);
-    if (items == NULL)
+    int touched = attr_true(hmap, p_touched);
+    if (touched <= 0)
+        return touched < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *pseudo = GETATTR(hmap, s_pseudo);
+    if (pseudo == NULL)
         return NULL;
     PyObject *found = Py_None;
-    for (Py_ssize_t i = 0; PyList_CheckExact(items) && i < PyList_GET_SIZE(items); i++) {
-        PyObject *kv = PyList_GET_ITEM(items, i);
+    for (Py_ssize_t i = 0; PyList_CheckExact(pseudo) && i < PyList_GET_SIZE(pseudo); i++) {
+        PyObject *kv = PyList_GET_ITEM(pseudo, i);
         if (PyTuple_CheckExact(kv) && PyTuple_GET_SIZE(kv) == 2 &&
             PyUnicode_Check(PyTuple_GET_ITEM(kv, 0)) &&
-            PyUnicode_Compare(PyTuple_GET_ITEM(kv, 0), name) == 0) {
+            PyUnicode_Compare(PyTuple_GET_ITEM(kv, 0), watched) == 0) {
             found = PyTuple_GET_ITEM(kv, 1);
             break;
         }
     }
     Py_INCREF(found);
-    Py_DECREF(items);
+    Py_DECREF(pseudo);
     return found;
 }
 
@@ -150,18 +91,6 @@ enum { MAP_SET = 2, BUFFER_SET = 1, INFO_SET = 8 };
 static Py_ssize_t p_map_offsets[MAP_SET], p_buffer_offsets[BUFFER_SET],
     p_info_offsets[INFO_SET];
 
-/* A new header map holding `items` (stolen), with no edits and an empty log. */
-static PyObject *
-new_map(PyObject *items)
-{
-    PyObject *log = PyList_New(0);
-    PyObject *values[MAP_SET] = {items, log};
-    PyObject *map = log ? filled_copy(p_map_template, p_map_offsets, values, MAP_SET) : NULL;
-    Py_XDECREF(log);
-    Py_DECREF(items);
-    return map;
-}
-
 static int
 phases_configured(void)
 {
@@ -191,26 +120,16 @@ headers_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "not a header phase: %ld", phase);
         return NULL;
     }
-    PyObject *items = pairs_of(args[2], headers);
-    PyObject *hmap = items ? new_map(items) : NULL;
+    PyObject *values[MAP_SET] = {args[2], headers};
+    PyObject *hmap = filled_copy(p_map_template, p_map_offsets, values, MAP_SET);
     PyObject *stopped = hmap ? drive_streams(streams, 0, phase, hmap, args[4], args[5]) : NULL;
-    if (stopped == NULL || stopped != Py_None) {
-        PyObject *out = stopped ? PyTuple_Pack(2, hmap, stopped) : NULL;
-        Py_XDECREF(stopped);
-        Py_XDECREF(hmap);
-        return out;
-    }
-    Py_DECREF(stopped);
-    PyObject *edits = GETATTR(hmap, s_edits);
-    int edited = edits ? PyObject_IsTrue(edits) : -1;
-    Py_XDECREF(edits);
     PyObject *out = NULL;
-    int touched = 0;
-    if (edited == 0)
-        out = Py_NewRef(Py_None);
-    else if (edited > 0 && write_back_edits(hmap, headers, args[6], &touched) == 0)
-        out = touched ? first_value(hmap, args[6]) : Py_NewRef(Py_None);
-    Py_DECREF(hmap);
+    if (stopped != NULL && stopped != Py_None)
+        out = PyTuple_Pack(2, hmap, stopped);
+    else if (stopped != NULL)
+        out = edited_pseudo(hmap, args[6]);
+    Py_XDECREF(stopped);
+    Py_XDECREF(hmap);
     return out;
 }
 
@@ -269,17 +188,17 @@ stream_info(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return info;
 }
 
-/* configure_phases(map_template, buffer_template, info_template, write_back) */
+/* configure_phases(map_template, buffer_template, info_template): the map a
+ * LiveHeaderMap (its type is what the fast paths edit in place). */
 static PyObject *
 configure_phases(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyCallable_Check(args[3])) {
+    if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError,
-                        "configure_phases(map_template, buffer_template, info_template, "
-                        "write_back)");
+                        "configure_phases(map_template, buffer_template, info_template)");
         return NULL;
     }
-    PyObject *map_set[MAP_SET] = {s_items, s_log};
+    PyObject *map_set[MAP_SET] = {s_pseudo, s_headers};
     PyObject *buffer_set[BUFFER_SET] = {d_data};
     PyObject *info_set[INFO_SET] = {p_request_id, p_traceparent, p_tracestate, p_span,
                                     p_connection, p_route_name, p_cluster_name,
@@ -298,6 +217,6 @@ configure_phases(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(p_map_template, Py_NewRef(args[0]));
     Py_XSETREF(p_buffer_template, Py_NewRef(args[1]));
     Py_XSETREF(p_info_template, Py_NewRef(args[2]));
-    Py_XSETREF(p_write_back, Py_NewRef(args[3]));
+    live_map_type = Py_TYPE(args[0]); /* the template holds the type */
     Py_RETURN_NONE;
 }

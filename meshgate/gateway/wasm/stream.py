@@ -21,7 +21,7 @@ from .actions import (
     StreamAction,
 )
 from .context import ROOT_CONTEXT_ID, Buffer, StreamContext, StreamInfo
-from .headers import HeaderMap
+from .headers import HeaderMap, LiveHeaderMap
 
 if TYPE_CHECKING:
     from .host import PluginHost
@@ -292,7 +292,7 @@ REQUEST_HEADERS, RESPONSE_HEADERS, RESPONSE_BODY = 0, 1, 2
 
 
 def drive_phase_py(streams: list[HttpStream], start: int, phase: int,
-                   payload: HeaderMap | Buffer, end_of_stream: bool,
+                   payload: HeaderMap | LiveHeaderMap | Buffer, end_of_stream: bool,
                    code: int | None) -> tuple[int, StreamAction | None] | None:
     """One phase of a request through ``streams[start:]``, in that order, as the data
     path drives it: each stream's context shows ``payload`` (the headers, or the response
@@ -313,7 +313,7 @@ def drive_phase_py(streams: list[HttpStream], start: int, phase: int,
             action = _drive(stream, "proxy_on_response_body", len(payload.data),
                             end_of_stream, True)
         else:
-            assert isinstance(payload, HeaderMap)
+            assert isinstance(payload, (HeaderMap, LiveHeaderMap))
             if phase == REQUEST_HEADERS:
                 ctx.request_headers = payload
                 export = "proxy_on_request_headers"
@@ -322,7 +322,7 @@ def drive_phase_py(streams: list[HttpStream], start: int, phase: int,
                 ctx.response_code = code
                 ctx.response_code_details = "via_upstream"
                 export = "proxy_on_response_headers"
-            action = _drive(stream, export, len(payload._items), end_of_stream, False)
+            action = _drive(stream, export, len(payload), end_of_stream, False)
         if action is not CONTINUE:
             return i, action
     return None

@@ -13,8 +13,9 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict
 
-from meshgate.gateway.wasm import HeaderMap, StreamInfo
+from meshgate.gateway.wasm import HeaderMap, LiveHeaderMap, StreamInfo
 from meshgate.gateway.wasm._rawcall import CROSSING
 from meshgate.gateway.wasm.abi import MetricType
 from meshgate.gateway.wasm.headers import ADD, REMOVE, SET
@@ -92,6 +93,43 @@ async def test_the_common_cases_never_reach_python(counted: Any) -> None:
     assert call_in(probe, ctx, "proxy_get_header_map_value", 2, *missing, SLOT_PTR,
                    SLOT_SIZE) == 1  # no response headers yet
     assert sum(calls.values()) == 0
+
+
+async def test_a_live_maps_edits_stay_in_c_and_land_in_the_data_paths_headers(
+        counted: Any) -> None:
+    """The data path's phases show a `LiveHeaderMap` over their own headers (decision
+    2500): reads and edits of ordinary headers go to its CIMultiDict from C, and give
+    what a `HeaderMap` of the same headers gives. Pseudo-header edits are Python's."""
+    probe, calls = counted
+    start = [("X-Api-Key", "k1"), ("b", "0"), ("B", "1"), ("c", "2")]
+    headers = CIMultiDict(start)
+    ctx = probe.new_stream(StreamInfo()).ctx
+    ctx.request_headers = live = LiveHeaderMap([(":path", "/a")], headers)
+    expected = HeaderMap([(":path", "/a"), *start])
+    key, b, path = put(probe, ARG, b"x-API-key"), put(probe, ARG + 32, b"B"), put(
+        probe, ARG + 64, b":PATH")
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *key, SLOT_PTR, SLOT_SIZE) == 0
+    assert returned(probe) == b"k1"
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *path, SLOT_PTR, SLOT_SIZE) == 0
+    assert returned(probe) == b"/a"
+    missing = put(probe, ARG + 96, b"x-none")
+    assert call_in(probe, ctx, "proxy_get_header_map_value", 0, *missing, SLOT_PTR,
+                   SLOT_SIZE) == 1  # NOT_FOUND
+    value = put(probe, ARG2, b"caf\xc3\xa9 \xff")  # invalid UTF-8 is replaced, as read_str does
+    assert call_in(probe, ctx, "proxy_replace_header_map_value", 0, *b, *value) == 0
+    assert call_in(probe, ctx, "proxy_add_header_map_value", 0, *key, *value) == 0
+    assert call_in(probe, ctx, "proxy_remove_header_map_value", 0,
+                   *put(probe, ARG + 128, b"C")) == 0
+    expected.set("b", "café \ufffd")
+    expected.add("x-api-key", "café \ufffd")
+    expected.remove("c")
+    assert live.items() == expected.items() and not live.touched
+    assert [(k.lower(), v) for k, v in headers.items()] == expected.items()[1:]
+    assert sum(calls.values()) == 0
+    assert call_in(probe, ctx, "proxy_replace_header_map_value", 0, *path, *value) == 0
+    expected.set(":path", "café \ufffd")
+    assert calls == Counter({"proxy_replace_header_map_value": 1})
+    assert live.touched and live.items() == expected.items()
 
 
 async def test_uncommon_cases_fall_back_to_python_with_the_same_result(counted: Any) -> None:

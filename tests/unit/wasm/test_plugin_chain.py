@@ -22,11 +22,10 @@ from meshgate.gateway.filters import (
     _stream_info,
 )
 from meshgate.gateway.metrics import SidecarMetrics
-from meshgate.gateway.wasm import HeaderMap
+from meshgate.gateway.wasm import HeaderMap, LiveHeaderMap
 from meshgate.gateway.wasm.abi import Status
 from meshgate.gateway.wasm.context import RootContext, StreamContext
 from meshgate.gateway.wasm.headers import lowered_pairs, lowered_pairs_py
-from meshgate.gateway.wasm.phases import write_back
 from meshgate.gateway.wasm.properties import (
     _EVERY_REQUEST,
     PluginIdentity,
@@ -96,8 +95,9 @@ async def test_response_edits_are_copied_back_and_the_body_kept(load: Any,
 
 async def test_a_phase_settles_at_once_unless_a_plugin_pauses(load: Any) -> None:
     """The data path's `begin_*` calls: when every plugin decides at once they answer
-    None (the body, for the whole body) with the edits already in the data path's
-    headers; a plugin that pauses leaves an awaitable that copies them once it resumes."""
+    None (the body, for the whole body); a plugin that pauses leaves an awaitable for the
+    rest of the phase. Either way the edits land in the data path's headers as they are
+    made."""
     marker = await load(plugin(on_response_headers=MARKS_RESPONSE,
                                strings={"k": b"x-seen", "v": b"yes"}), name="marker")
     pauser = await load(plugin(
@@ -116,12 +116,12 @@ async def test_a_phase_settles_at_once_unless_a_plugin_pauses(load: Any) -> None
     paused = PluginChain.start([pauser], request, None, 1024, None)
     headers = CIMultiDict()
     rest = paused.begin_response_headers(200, headers)
-    assert rest is not None and "x-paused" not in headers
+    assert rest is not None and headers["x-paused"] == "yes"
     waiting = asyncio.ensure_future(rest)
     await asyncio.sleep(0)  # the chain now waits for the plugin
     paused.streams[0].ctx.wake()
     await waiting
-    assert headers["x-paused"] == "yes"
+    assert headers.getall("x-paused") == ["yes"] and paused.status is None
     paused.finish()
 
 
@@ -185,21 +185,36 @@ EDITS = [("set", "X-A", "1"), ("add", "x-b", "2"), ("set", "x-b", "3"), ("remove
 
 
 @pytest.mark.parametrize("count", range(len(EDITS) + 1))
-def test_replayed_edits_give_what_a_rebuild_gives(count: int) -> None:
-    """`write_back` replays a map's log on the data path's headers; the result must be
-    the map itself, as the rebuild (still used after `replace_all`) makes it."""
+def test_a_live_map_edits_the_headers_as_a_header_map_would(count: int) -> None:
+    """The data path shows its plugins a `LiveHeaderMap` over its own headers, which
+    their edits change in place; what they see and leave must be what a `HeaderMap` built
+    from the same headers would give, edit for edit."""
     start = [("X-A", "0"), ("x-b", "0"), ("X-C", "0"), ("x-b", "1"), ("x-c", "2")]
     hmap = HeaderMap([(":path", "/a"), *start])
+    headers = CIMultiDict(start)
+    live = LiveHeaderMap([(":path", "/a")], headers)
     for op, name, value in EDITS[:count]:
-        getattr(hmap, op)(name, *([value] if value is not None else []))
-    replayed, rebuilt = CIMultiDict(start), CIMultiDict(start)
-    write_back(hmap, replayed)
-    hmap.replace_all(hmap.items())  # not replayable: the next write-back rebuilds
-    write_back(hmap, rebuilt)
-    assert hmap.log is None
-    expected = [(k, v) for k, v in hmap.items() if not k.startswith(":")]
-    assert [(k.lower(), v) for k, v in replayed.items()] == expected
-    assert list(rebuilt.items()) == expected
+        for m in (hmap, live):
+            getattr(m, op)(name, *([value] if value is not None else []))
+    assert live.items() == hmap.items() and list(live) == list(hmap) and live == hmap
+    assert len(live) == len(hmap)
+    for name in ("x-a", "X-B", "x-c", "new", ":path", "x-missing"):
+        assert live.get(name) == hmap.get(name)
+        assert live.get_all(name) == hmap.get_all(name)
+        assert live.joined(name) == hmap.joined(name)
+    # The edits are in the data path's headers, pseudo-headers left out.
+    assert [(k.lower(), v) for k, v in headers.items()] == [
+        kv for kv in hmap.items() if not kv[0].startswith(":")]
+    assert live.touched == any(name.startswith(":") for _, name, _ in EDITS[:count])
+
+
+def test_a_live_map_replaced_whole_keeps_its_pseudo_headers_first() -> None:
+    headers = CIMultiDict([("X-A", "0")])
+    live = LiveHeaderMap([(":path", "/a")], headers)
+    live.replace_all([("X-B", "1"), (":Path", "/b"), ("x-c", "2")])
+    assert live.touched and live.get(":path") == "/b"
+    assert live.items() == [(":path", "/b"), ("x-b", "1"), ("x-c", "2")]
+    assert list(headers.items()) == [("x-b", "1"), ("x-c", "2")]
 
 
 def test_maps_are_built_alike_by_both_implementations() -> None:
