@@ -9,7 +9,7 @@ setup(
             sources=["meshgate/gateway/wasm/_crossing.c"],
             depends=["meshgate/gateway/wasm/_fastpaths.h", "meshgate/gateway/wasm/_driver.h",
                      "meshgate/gateway/wasm/_attrs.h", "meshgate/gateway/wasm/_epoch.h",
-                     "meshgate/gateway/wasm/_headers.h", "meshgate/gateway/wasm/_streams.h",
+                     "meshgate/gateway/wasm/_streams.h",
                      "meshgate/gateway/wasm/_phases.h"],
             extra_compile_args=["-O2", "-Wall", "-Werror=implicit-function-declaration"],
         )

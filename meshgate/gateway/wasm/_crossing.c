@@ -249,7 +249,6 @@ typedef struct {
 
 #include "_attrs.h"
 #include "_epoch.h"
-#include "_headers.h"
 #include "_fastpaths.h"
 #include "_driver.h"
 #include "_streams.h"
@@ -451,8 +450,6 @@ static PyMethodDef crossing_methods[] = {
      "open_streams(hosts, info): stream.open_streams_py, compiled."},
     {"configure_streams", (PyCFunction)(void (*)(void))configure_streams, METH_FASTCALL,
      "configure_streams(ctx_template, stream_template): what open_streams copies."},
-    {"lowered_pairs", (PyCFunction)(void (*)(void))lowered_pairs, METH_FASTCALL,
-     "lowered_pairs(head, headers): headers.lowered_pairs_py, compiled."},
     {"invoke_all", (PyCFunction)(void (*)(void))invoke_all, METH_FASTCALL,
      "invoke_all(host, ctx, exports, args): PluginHost._invoke_all, compiled."},
     {"headers_phase", (PyCFunction)(void (*)(void))headers_phase, METH_FASTCALL,
@@ -483,7 +480,7 @@ PyInit__crossing(void)
     if (PyType_Ready(&WasmCallType) < 0 || PyType_Ready(&HostFunctionType) < 0 ||
         PyType_Ready(&EpochClockType) < 0)
         return NULL;
-    if (init_fast_paths() < 0 || init_driver() < 0 || init_headers() < 0 ||
+    if (init_fast_paths() < 0 || init_driver() < 0 ||
         init_streams() < 0 || init_phases() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&crossing_module);

@@ -33,13 +33,10 @@ enum { HANDLED = 1, FALLBACK = 0, RAISED = -1 };
 /* proxy_status_t values answered here. */
 enum { ST_OK = 0, ST_NOT_FOUND = 1, ST_BAD_ARGUMENT = 2, ST_CAS_MISMATCH = 8 };
 
-/* HeaderMap.log's operations (headers.py: SET, ADD, REMOVE). */
-enum { EDIT_SET = 0, EDIT_ADD = 1, EDIT_REMOVE = 2 };
-
 #define KEY_MAX 256
 
 static PyObject *s_t, *s_effective, *s_vm, *s_mem, *s_base, *s_size, *s_alloc, *s_call,
-    *s_items, *s_edits, *s_log, *s_check, *s_maps[4], *s_services, *s_metrics,
+    *s_items, *s_check, *s_maps[4], *s_services, *s_metrics,
     *s_metrics_table, *s_type, *s_value, *s_shared_data, *s_data, *s_next_cas, *s_identity,
     *s_vm_id, *s_call_foreign, *s_pseudo, *s_headers, *s_get, *s_add, *s_popall;
 /* headers.LiveHeaderMap, set by configure_phases(); NULL until then. */
@@ -65,8 +62,6 @@ init_fast_paths(void)
     INTERN(s_alloc, "_alloc");
     INTERN(s_call, "call");
     INTERN(s_items, "_items");
-    INTERN(s_edits, "edits");
-    INTERN(s_log, "log");
     INTERN(s_check, "check");
     INTERN(s_services, "services");
     INTERN(s_metrics, "metrics");
@@ -274,36 +269,6 @@ map_items(PyObject *map)
         }
     }
     return items;
-}
-
-/* HeaderMap._logged: one more edit, and (op, name, value) on its log unless the log is
- * None (a change that cannot be replayed came first). value NULL: a removal (None). */
-static int
-record_edit(PyObject *map, long op, PyObject *name, PyObject *value)
-{
-    PyObject *edits = GETATTR(map, s_edits);
-    if (edits == NULL)
-        return -1;
-    PyObject *one = PyLong_FromLong(1);
-    PyObject *next = one ? PyNumber_Add(edits, one) : NULL;
-    Py_DECREF(edits);
-    Py_XDECREF(one);
-    if (next == NULL)
-        return -1;
-    int rc = SETATTR(map, s_edits, next);
-    Py_DECREF(next);
-    PyObject *log = rc < 0 ? NULL : GETATTR(map, s_log);
-    if (log == NULL)
-        return -1;
-    if (PyList_CheckExact(log)) {
-        PyObject *code = PyLong_FromLong(op);
-        PyObject *entry = code ? PyTuple_Pack(3, code, name, value ? value : Py_None) : NULL;
-        rc = entry == NULL ? -1 : PyList_Append(log, entry);
-        Py_XDECREF(entry);
-        Py_XDECREF(code);
-    }
-    Py_DECREF(log);
-    return rc;
 }
 
 static void
@@ -628,8 +593,6 @@ fast_set_header(Guest *g, raw_val *vals, int add)
         }
     }
     result = RAISED;
-    if (record_edit(map, add ? EDIT_ADD : EDIT_SET, key, value) < 0)
-        goto done;
     if (first >= 0) {
         PyObject *name = PyTuple_GET_ITEM(PyList_GET_ITEM(items, first), 0);
         PyObject *pair = PyTuple_Pack(2, name, value);
@@ -678,7 +641,7 @@ fast_remove_header(Guest *g, raw_val *vals)
         if (!same_ascii(PyTuple_GET_ITEM(kv, 0), key) && PyList_Append(kept, kv) < 0)
             goto done;
     }
-    if (record_edit(map, EDIT_REMOVE, key, NULL) < 0 || SETATTR(map, s_items, kept) < 0)
+    if (SETATTR(map, s_items, kept) < 0)
         goto done;
     set_status(vals, ST_OK);
     result = HANDLED;

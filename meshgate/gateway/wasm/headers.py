@@ -7,42 +7,20 @@ from typing import Any
 
 from multidict import CIMultiDict
 
-from ._rawcall import compiled_function
-
-#: The operations of ``HeaderMap.log`` (the compiled fast paths log the same numbers).
-SET, ADD, REMOVE = 0, 1, 2
-
 
 class HeaderMap:
     """Ordered multimap of header names to values, pseudo-headers (``:path``...) included.
 
     Names are stored lower-cased (HTTP/2 and Envoy normalise them so); lookups are
-    case-insensitive. The plugin mutates it in place through the host, and the data path
-    reads it back after each callback. ``edits`` counts the mutations, so the data path can
-    skip copying back a map no plugin changed (the common case for request headers).
-    ``log`` lists them in order, ``(SET|ADD|REMOVE, name, value)``, so the data path can
-    replay a few edits on its own headers instead of rebuilding them (decision 1500);
-    None once a change cannot be replayed (``replace_all``).
+    case-insensitive. The plugin mutates it in place through the host. It holds what the
+    data path does not: trailers, an HTTP call's response; a request's and a response's
+    headers are a ``LiveHeaderMap``, which answers the same.
     """
 
-    __slots__ = ("_items", "edits", "log")
+    __slots__ = ("_items",)
 
     def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
         self._items: list[tuple[str, str]] = [(k.lower(), v) for k, v in items]
-        self.edits = 0
-        self.log: list[tuple[int, str, str | None]] | None = []
-
-    @classmethod
-    def with_pseudo(cls, pseudo: list[tuple[str, str]], headers: Any) -> HeaderMap:
-        """A map of ``pseudo`` (names lower-case already), then ``headers``' pairs (any
-        mapping with ``items()``, e.g. the data path's ``CIMultiDict``), names lower-cased.
-        The data path builds one per request and direction: no ``__init__``, whose
-        comprehension would copy the pairs again."""
-        hmap = cls.__new__(cls)
-        hmap._items = lowered_pairs(pseudo, headers)
-        hmap.edits = 0
-        hmap.log = []
-        return hmap
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
         return iter(list(self._items))
@@ -76,20 +54,12 @@ class HeaderMap:
         values = self.get_all(name)
         return ",".join(values) if values else None
 
-    def _logged(self, op: int, name: str, value: str | None) -> None:
-        self.edits += 1
-        if self.log is not None:
-            self.log.append((op, name, value))
-
     def add(self, name: str, value: str) -> None:
-        name = name.lower()
-        self._logged(ADD, name, value)
-        self._items.append((name, value))
+        self._items.append((name.lower(), value))
 
     def set(self, name: str, value: str) -> None:
         """Replace every value of ``name`` with one value (appended if absent)."""
         name = name.lower()
-        self._logged(SET, name, value)
         items = self._items
         for i, (k, _) in enumerate(items):
             if k == name:
@@ -106,12 +76,9 @@ class HeaderMap:
 
     def remove(self, name: str) -> None:
         name = name.lower()
-        self._logged(REMOVE, name, None)
         self._items = [kv for kv in self._items if kv[0] != name]
 
     def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
-        self.edits += 1
-        self.log = None
         self._items = [(k.lower(), v) for k, v in items]
 
     def __contains__(self, name: object) -> bool:
@@ -215,12 +182,3 @@ class LiveHeaderMap:
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
-
-
-def lowered_pairs_py(head: list[tuple[str, str]], headers: Any) -> list[tuple[str, str]]:
-    """``head``, then ``headers.items()`` with the names lower-cased: a new list."""
-    return [*head, *[(k.lower(), v) for k, v in headers.items()]]
-
-
-#: ``lowered_pairs_py``, compiled where the compiled crossings are in use (``_headers.h``).
-lowered_pairs = compiled_function("lowered_pairs") or lowered_pairs_py

@@ -18,7 +18,6 @@ from multidict import CIMultiDict
 from meshgate.gateway.wasm import HeaderMap, LiveHeaderMap, StreamInfo
 from meshgate.gateway.wasm._rawcall import CROSSING
 from meshgate.gateway.wasm.abi import MetricType
-from meshgate.gateway.wasm.headers import ADD, REMOVE, SET
 from meshgate.gateway.wasm.imports import ProxyWasmImports
 
 from .conftest import call_in
@@ -81,10 +80,6 @@ async def test_the_common_cases_never_reach_python(counted: Any) -> None:
                                                                            b":PATH")) == 0
     assert ctx.request_headers.items() == [("x-api-key", "k1"), ("b", "café \ufffd"),
                                            ("x-api-key", "café \ufffd")]
-    assert ctx.request_headers.edits == 3
-    # What the data path replays on its own headers (phases.write_back).
-    assert ctx.request_headers.log == [(SET, "b", "café \ufffd"),
-                                       (ADD, "x-api-key", "café \ufffd"), (REMOVE, ":path", None)]
     assert call_in(probe, ctx, "proxy_get_current_time_nanoseconds", ARG) == 0
     assert struct.unpack("<Q", probe.vm.mem.read(ARG, 8))[0] > 1_700_000_000 * 10**9
     missing = put(probe, ARG, b"x-none")
