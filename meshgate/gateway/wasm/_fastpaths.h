@@ -378,8 +378,8 @@ hand_value(Guest *g, raw_val *vals, PyObject *value, uint32_t ret_ptr, uint32_t 
     return HANDLED;
 }
 
-/* The first value of pseudo-header `key` in a live map's list (a new reference, None if
- * absent), or NULL with FALLBACK for a list that is not of (str, str) pairs. */
+/* The first value of pseudo-header `key` (lower-case ASCII) in a live map's list: a new
+ * reference, None if absent; NULL, with no exception, for a list that is not of pairs. */
 static PyObject *
 live_pseudo(PyObject *map, PyObject *key)
 {

@@ -41,22 +41,8 @@ edited_pseudo(PyObject *hmap, PyObject *watched)
     int touched = attr_true(hmap, p_touched);
     if (touched <= 0)
         return touched < 0 ? NULL : Py_NewRef(Py_None);
-    PyObject *pseudo = GETATTR(hmap, s_pseudo);
-    if (pseudo == NULL)
-        return NULL;
-    PyObject *found = Py_None;
-    for (Py_ssize_t i = 0; PyList_CheckExact(pseudo) && i < PyList_GET_SIZE(pseudo); i++) {
-        PyObject *kv = PyList_GET_ITEM(pseudo, i);
-        if (PyTuple_CheckExact(kv) && PyTuple_GET_SIZE(kv) == 2 &&
-            PyUnicode_Check(PyTuple_GET_ITEM(kv, 0)) &&
-            PyUnicode_Compare(PyTuple_GET_ITEM(kv, 0), watched) == 0) {
-            found = PyTuple_GET_ITEM(kv, 1);
-            break;
-        }
-    }
-    Py_INCREF(found);
-    Py_DECREF(pseudo);
-    return found;
+    PyObject *found = live_pseudo(hmap, watched);
+    return found != NULL ? found : PyObject_CallMethodOneArg(hmap, s_get, watched);
 }
 
 /* Where each of `names` lives in `template`'s class: a writable slot (check_template
@@ -105,9 +91,9 @@ static PyObject *
 headers_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     if (nargs != 7 || !PyList_CheckExact(args[0]) || !PyList_CheckExact(args[2]) ||
-        !PyUnicode_Check(args[6])) {
+        !PyUnicode_Check(args[6]) || !PyUnicode_IS_COMPACT_ASCII(args[6])) {
         PyErr_SetString(PyExc_TypeError, "headers_phase(streams: list, phase, pseudo: list, "
-                                         "headers, end_of_stream, code, watched: str)");
+                                         "headers, end_of_stream, code, watched: ASCII str)");
         return NULL;
     }
     if (!phases_configured())

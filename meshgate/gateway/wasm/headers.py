@@ -1,4 +1,5 @@
-"""``HeaderMap``: the ordered multimap a stream's headers and trailers live in."""
+"""``HeaderMap`` and ``LiveHeaderMap``: the ordered multimaps a stream's headers and trailers
+live in."""
 
 from __future__ import annotations
 
@@ -8,7 +9,27 @@ from typing import Any
 from multidict import CIMultiDict
 
 
-class HeaderMap:
+class _Lookups:
+    """What both header maps derive from ``get`` and ``get_all``."""
+
+    __slots__ = ()
+
+    def get(self, name: str) -> str | None:
+        raise NotImplementedError
+
+    def get_all(self, name: str) -> list[str]:
+        raise NotImplementedError
+
+    def joined(self, name: str) -> str | None:
+        """All values of ``name`` joined with ``,`` as Envoy's ``getHeaderMapValue`` does."""
+        values = self.get_all(name)
+        return ",".join(values) if values else None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+
+class HeaderMap(_Lookups):
     """Ordered multimap of header names to values, pseudo-headers (``:path``...) included.
 
     Names are stored lower-cased (HTTP/2 and Envoy normalise them so); lookups are
@@ -49,11 +70,6 @@ class HeaderMap:
         name = name.lower()
         return [v for k, v in self._items if k == name]
 
-    def joined(self, name: str) -> str | None:
-        """All values of ``name`` joined with ``,`` as Envoy's ``getHeaderMapValue`` does."""
-        values = self.get_all(name)
-        return ",".join(values) if values else None
-
     def add(self, name: str, value: str) -> None:
         self._items.append((name.lower(), value))
 
@@ -81,11 +97,8 @@ class HeaderMap:
     def replace_all(self, items: Iterable[tuple[str, str]]) -> None:
         self._items = [(k.lower(), v) for k, v in items]
 
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
 
-
-class LiveHeaderMap:
+class LiveHeaderMap(_Lookups):
     """A request's or response's headers as its plugins see them: the pseudo-headers
     (``:path``...) in a list of their own, then the data path's ``CIMultiDict``, which
     the plugins' edits change in place (decision 2500).
@@ -137,11 +150,6 @@ class LiveHeaderMap:
             return list(self.headers.getall(name, ()))
         return [v for k, v in self.pseudo if k == name]
 
-    def joined(self, name: str) -> str | None:
-        """All values of ``name`` joined with ``,`` as Envoy's ``getHeaderMapValue`` does."""
-        values = self.get_all(name)
-        return ",".join(values) if values else None
-
     def add(self, name: str, value: str) -> None:
         name = name.lower()
         if name[:1] != ":":
@@ -179,6 +187,3 @@ class LiveHeaderMap:
         self.pseudo = [kv for kv in pairs if kv[0][:1] == ":"]
         self.headers.clear()
         self.headers.extend([kv for kv in pairs if kv[0][:1] != ":"])
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self.get(name) is not None
