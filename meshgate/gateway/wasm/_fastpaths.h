@@ -353,8 +353,8 @@ is_live(PyObject *map)
     return live_map_type != NULL && Py_IS_TYPE(map, live_map_type);
 }
 
-/* The live map's CIMultiDict (new reference), or NULL with FALLBACK for a pseudo-header
- * name or an unexpected map. */
+/* The live map's CIMultiDict (a new reference), or NULL, with no exception, for a
+ * pseudo-header name or an unexpected map: FALLBACK. */
 static PyObject *
 live_headers(PyObject *map, PyObject *key)
 {
@@ -419,11 +419,9 @@ live_get_header(Guest *g, raw_val *vals, PyObject *map, PyObject *key)
         if ((value = live_pseudo(map, key)) == NULL)
             return FALLBACK;
     } else {
-        PyObject *headers = GETATTR(map, s_headers);
-        if (headers == NULL) {
-            PyErr_Clear();
+        PyObject *headers = live_headers(map, key);
+        if (headers == NULL)
             return FALLBACK;
-        }
         PyObject *args[2] = {headers, key};
         value = PyObject_VectorcallMethod(s_get, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                           NULL);
