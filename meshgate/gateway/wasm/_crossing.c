@@ -490,6 +490,7 @@ PyInit__crossing(void)
         PyModule_AddObjectRef(m, "HostFunction", (PyObject *)&HostFunctionType) < 0 ||
         PyModule_AddObjectRef(m, "EpochClock", (PyObject *)&EpochClockType) < 0 ||
         PyModule_AddObject(m, "TRAMPOLINE", PyLong_FromVoidPtr((void *)host_trampoline)) < 0 ||
+        PyModule_AddObject(m, "DRIVER_EXPORTS", driver_export_names()) < 0 ||
         add_fast_path_names(m) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -29,6 +29,10 @@ static PyObject *d_request_headers, *d_response_headers, *d_response_code,
     *d_phase_exports[3], *d_streams, *d_trapped, *d_finish_exports, *d_py_finish_streams;
 static PyObject *d_continue, *d_stop_and_buffer, *d_wasm_trap; /* set by configure_driver */
 static PyObject *d_one; /* the root context id, the second argument of context creation */
+/* The exports the driver calls on every request: a VM's `calls` list holds their compiled
+ * calls at these indexes (vm.py reads the order from DRIVER_EXPORTS). */
+enum { N_DRIVER_EXPORTS = 7 };
+static PyObject *d_driver_exports[N_DRIVER_EXPORTS], *d_calls;
 
 static int
 init_driver(void)
@@ -82,9 +86,26 @@ init_driver(void)
     INTERN(d_phase_exports[PHASE_REQUEST_HEADERS], "proxy_on_request_headers");
     INTERN(d_phase_exports[PHASE_RESPONSE_HEADERS], "proxy_on_response_headers");
     INTERN(d_phase_exports[PHASE_RESPONSE_BODY], "proxy_on_response_body");
+    INTERN(d_calls, "calls");
+    INTERN(d_driver_exports[4], "proxy_on_log");
+    INTERN(d_driver_exports[5], "proxy_on_done");
+    INTERN(d_driver_exports[6], "proxy_on_delete");
 #undef INTERN
+    d_driver_exports[0] = d_context_create;
+    for (int i = 0; i < 3; i++)
+        d_driver_exports[1 + i] = d_phase_exports[i];
     d_one = PyLong_FromLong(1);
     return d_one == NULL ? -1 : 0;
+}
+
+/* DRIVER_EXPORTS, for the module: the names in their `calls` order. */
+static PyObject *
+driver_export_names(void)
+{
+    PyObject *names = PyTuple_New(N_DRIVER_EXPORTS);
+    for (int i = 0; names != NULL && i < N_DRIVER_EXPORTS; i++)
+        PyTuple_SET_ITEM(names, i, Py_NewRef(d_driver_exports[i]));
+    return names;
 }
 
 /* A new reference's truth value, the reference released: 1, 0, or -1 (NULL, or raised). */
@@ -103,11 +124,28 @@ truth_of(PyObject *v)
 
 /* The VM's compiled call for `export`: *call is a new reference, or NULL if the plugin
  * does not export it. Returns 0, FALLBACK (1) when the export was never looked up (the
- * Python path fills `funcs`), or -1 with an exception. */
+ * Python path fills `funcs`, and `calls` for the driver's own), or -1 with an exception.
+ * The driver's exports are read from the VM's `calls` list by index, not looked up by
+ * name: a callback of every request. */
 static int
 lookup_export(PyObject *vm, PyObject *export, PyObject **call)
 {
     *call = NULL;
+    for (int i = 0; i < N_DRIVER_EXPORTS; i++) {
+        if (export != d_driver_exports[i])
+            continue;
+        PyObject *calls = GETATTR(vm, d_calls);
+        if (calls == NULL)
+            return -1;
+        PyObject *found = PyList_CheckExact(calls) && PyList_GET_SIZE(calls) == N_DRIVER_EXPORTS
+                              ? PyList_GET_ITEM(calls, i)
+                              : Py_False;
+        int rc = found == Py_False ? 1 : 0; /* not looked up yet */
+        if (rc == 0 && found != Py_None)
+            *call = Py_NewRef(found);
+        Py_DECREF(calls);
+        return rc;
+    }
     PyObject *funcs = GETATTR(vm, d_funcs);
     if (funcs == NULL)
         return -1;

@@ -10,6 +10,7 @@ import wasmtime
 
 from . import callstats as _callstats
 from ._rawcall import (
+    COMPILED_DRIVER,
     GuestMemory,
     GuestMemoryError,
     RawFunc,
@@ -21,6 +22,11 @@ from ._rawcall import set_epoch_deadline as _set_deadline
 from .abi import ABI_MARKERS
 
 _pack_u32 = struct.Struct("<I").pack_into
+
+#: The exports the compiled driver calls on every request, in the order of
+#: ``PluginVM.calls`` (none without the compiled driver).
+DRIVER_EXPORTS: tuple[str, ...] = getattr(COMPILED_DRIVER, "DRIVER_EXPORTS", ())
+_DRIVER_INDEX = {name: i for i, name in enumerate(DRIVER_EXPORTS)}
 
 
 class VMLoadError(Exception):
@@ -53,7 +59,7 @@ class PluginVM:
 
     __slots__ = ("store", "deadline_ticks", "depth", "_ctx", "_ctx_address", "_clock",
                  "_holds_gil", "_armed_at", "_instance", "_export_names", "mem", "funcs",
-                 "_alloc", "broken")
+                 "calls", "_alloc", "broken")
 
     def __init__(self, engine: wasmtime.Engine, module: wasmtime.Module,
                  linker: wasmtime.Linker, memory_limit: int, deadline_ticks: int,
@@ -88,6 +94,9 @@ class PluginVM:
         # RawFuncs are built on first use: a plugin exports dozens of functions and a
         # cached start should not pay for the ones no request calls.
         self.funcs: dict[str, RawFunc | None] = {}
+        # The compiled calls of DRIVER_EXPORTS, read by index (False: not looked up yet;
+        # None: not exported), so the driver finds them without a lookup by name.
+        self.calls: list[object] = [False] * len(DRIVER_EXPORTS)
         self._alloc = self._func("malloc") or self._func("proxy_on_memory_allocate")
         self.broken = False
 
@@ -100,6 +109,9 @@ class PluginVM:
             raw = (RawFunc(self.store, f, name, self._holds_gil)
                    if isinstance(f, wasmtime.Func) else None)
             self.funcs[name] = raw
+            index = _DRIVER_INDEX.get(name)
+            if index is not None:
+                self.calls[index] = raw.call if raw is not None else None
             return raw
 
     def has(self, name: str) -> bool:

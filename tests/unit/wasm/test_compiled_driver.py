@@ -33,6 +33,7 @@ from meshgate.gateway.wasm._rawcall import COMPILED_DRIVER
 from meshgate.gateway.wasm.context import StreamContext
 from meshgate.gateway.wasm.host import PluginHost
 from meshgate.gateway.wasm.stream import HttpStream
+from meshgate.gateway.wasm.vm import DRIVER_EXPORTS
 
 from .wat import plugin
 
@@ -90,6 +91,11 @@ async def test_a_plain_request_stays_in_c_after_its_first(load: Any,
     assert await one_request(host) == first
     assert first == [CONTINUE, STOP_AND_BUFFER, CONTINUE, CONTINUE, CONTINUE]
     assert python_calls == Counter()
+    # The driver's own exports are found by index in the VM's `calls`, not by name.
+    calls = dict(zip(DRIVER_EXPORTS, host.vm.calls, strict=True))
+    assert all(calls[name] is host.vm.funcs[name].call for name in (  # type: ignore[union-attr]
+        "proxy_on_context_create", "proxy_on_request_headers", "proxy_on_response_headers",
+        "proxy_on_response_body", "proxy_on_log", "proxy_on_done", "proxy_on_delete"))
 
 
 async def test_streams_the_driver_leaves_to_python_answer_as_python(
