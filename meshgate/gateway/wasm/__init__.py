@@ -29,7 +29,8 @@ Per request::
     stream.finish()                # on_log, on_done, on_delete (synchronous)
 
 ``HeaderMap`` and body ``bytearray``s are edited in place by the plugin (pass bodies as
-``bytearray`` to see the edits). A ``LocalReply``
+``bytearray`` to see the edits); a ``LiveHeaderMap(pseudo, headers)`` shows the plugin a
+``CIMultiDict`` of the caller's own, which its edits change in place. A ``LocalReply``
 already went through this plugin's ``on_response_headers``/``on_response_body`` (as in
 Envoy); do not call the stream's response methods afterwards. A trap applies the plugin's
 failure policy (fail closed: ``LocalReply(503)`` with an empty body; fail open: the plugin
