@@ -461,8 +461,8 @@ static PyMethodDef crossing_methods[] = {
      "stream_info(request_id, traceparent, tracestate, span, connection, route_name, "
      "cluster_name): phases.stream_info_py, compiled."},
     {"configure_phases", (PyCFunction)(void (*)(void))configure_phases, METH_FASTCALL,
-     "configure_phases(map_template, buffer_template, info_template, write_back): what "
-     "the compiled phases copy, and the write-back of a map that cannot be replayed."},
+     "configure_phases(map_template, buffer_template, info_template): what the compiled "
+     "phases copy; the map's type is the LiveHeaderMap the fast paths edit in place."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -366,18 +366,6 @@ live_headers(PyObject *map, PyObject *key)
     return headers;
 }
 
-/* A value handed to the guest: its UTF-8 copied out; OK, or RAISED. */
-static int
-hand_value(Guest *g, raw_val *vals, PyObject *value, uint32_t ret_ptr, uint32_t ret_size)
-{
-    Py_ssize_t len;
-    const char *data = PyUnicode_AsUTF8AndSize(value, &len);
-    if (data == NULL || copy_out(g, data, len, ret_ptr, ret_size) < 0)
-        return RAISED;
-    set_status(vals, ST_OK);
-    return HANDLED;
-}
-
 /* The first value of pseudo-header `key` (lower-case ASCII) in a live map's list: a new
  * reference, None if absent; NULL, with no exception, for a list that is not of pairs. */
 static PyObject *
@@ -406,38 +394,34 @@ live_pseudo(PyObject *map, PyObject *key)
     return found;
 }
 
-/* proxy_get_header_map_value on a live map: the pseudo-headers' list, or
- * CIMultiDict.get for an ordinary header. */
-static int
-live_get_header(Guest *g, raw_val *vals, PyObject *map, PyObject *key)
+/* The first value of `key` in a live map: the pseudo-headers' list, or CIMultiDict.get
+ * for an ordinary header. A new reference, None if absent; NULL (with an exception, or
+ * without one for FALLBACK). */
+static PyObject *
+live_value(PyObject *map, PyObject *key)
 {
-    uint32_t ret_ptr = (uint32_t)vals[3].i32, ret_size = (uint32_t)vals[4].i32;
-    if (!in_bounds(g, ret_ptr, 4) || !in_bounds(g, ret_size, 4))
-        return FALLBACK;
-    PyObject *value;
-    if (PyUnicode_GET_LENGTH(key) > 0 && PyUnicode_READ_CHAR(key, 0) == ':') {
-        if ((value = live_pseudo(map, key)) == NULL)
-            return FALLBACK;
-    } else {
-        PyObject *headers = live_headers(map, key);
-        if (headers == NULL)
-            return FALLBACK;
-        PyObject *args[2] = {headers, key};
-        value = PyObject_VectorcallMethod(s_get, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                          NULL);
-        Py_DECREF(headers);
-        if (value == NULL)
-            return RAISED;
+    if (PyUnicode_GET_LENGTH(key) > 0 && PyUnicode_READ_CHAR(key, 0) == ':')
+        return live_pseudo(map, key);
+    PyObject *headers = live_headers(map, key);
+    if (headers == NULL)
+        return NULL;
+    PyObject *args[2] = {headers, key};
+    PyObject *value = PyObject_VectorcallMethod(s_get, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                                NULL);
+    Py_DECREF(headers);
+    return value;
+}
+
+/* The first value of `key` in a HeaderMap's list: a new reference, None if absent. */
+static PyObject *
+items_value(PyObject *items, PyObject *key)
+{
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *kv = PyList_GET_ITEM(items, i);
+        if (same_ascii(PyTuple_GET_ITEM(kv, 0), key))
+            return Py_NewRef(PyTuple_GET_ITEM(kv, 1));
     }
-    int rc;
-    if (value == Py_None) {
-        set_status(vals, ST_NOT_FOUND);
-        rc = HANDLED;
-    } else {
-        rc = PyUnicode_Check(value) ? hand_value(g, vals, value, ret_ptr, ret_size) : FALLBACK;
-    }
-    Py_DECREF(value);
-    return rc;
+    Py_RETURN_NONE;
 }
 
 enum { LIVE_SET, LIVE_ADD, LIVE_REMOVE };
@@ -499,35 +483,23 @@ fast_get_header(Guest *g, raw_val *vals)
         return HANDLED;
     }
     PyObject *key = ascii_key(g, (uint32_t)vals[1].i32, (uint32_t)vals[2].i32);
-    if (key != NULL && is_live(map)) {
-        int rc = live_get_header(g, vals, map, key);
-        Py_DECREF(key);
-        Py_DECREF(map);
-        return rc;
-    }
-    PyObject *items = key ? map_items(map) : NULL;
-    Py_DECREF(map);
-    if (items == NULL) {
-        Py_XDECREF(key);
-        return PyErr_Occurred() ? RAISED : FALLBACK;
-    }
     PyObject *value = NULL;
-    Py_ssize_t n = PyList_GET_SIZE(items);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *kv = PyList_GET_ITEM(items, i);
-        if (same_ascii(PyTuple_GET_ITEM(kv, 0), key)) {
-            value = PyTuple_GET_ITEM(kv, 1);
-            break;
-        }
+    if (key != NULL && is_live(map)) {
+        value = live_value(map, key);
+    } else if (key != NULL) {
+        PyObject *items = map_items(map);
+        value = items ? items_value(items, key) : NULL;
+        Py_XDECREF(items);
     }
-    Py_DECREF(key);
-    if (value == NULL) {
-        Py_DECREF(items);
+    Py_XDECREF(key);
+    Py_DECREF(map);
+    if (value == NULL)
+        return PyErr_Occurred() ? RAISED : FALLBACK;
+    if (value == Py_None) {
+        Py_DECREF(value);
         set_status(vals, ST_NOT_FOUND);
         return HANDLED;
     }
-    Py_INCREF(value);
-    Py_DECREF(items);
     Py_ssize_t len;
     const char *data = PyUnicode_Check(value) ? PyUnicode_AsUTF8AndSize(value, &len) : NULL;
     if (data == NULL || !in_bounds(g, ret_ptr, 4) || !in_bounds(g, ret_size, 4)) {
