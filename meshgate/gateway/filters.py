@@ -49,6 +49,10 @@ def _wasm() -> Any:
     if _WASM is None:
         from meshgate.gateway import wasm
 
+        if wasm.compile_chain is not None:  # the compiled driver runs the chain's phases too
+            template = PluginChain([], 0)
+            for name, method in wasm.compile_chain(template, _PYTHON_START).items():
+                setattr(PluginChain, name, method)
         _WASM = wasm
     return _WASM
 
@@ -139,8 +143,14 @@ class PluginChain:
         if out.__class__ is not tuple:  # settled: None, or the :path a plugin set
             self.path = out
             return None
+        return self._request_rest(out, end)
+
+    def _request_rest(self, out: tuple[Any, tuple[int, Any]], end: bool) -> Awaitable[None]:
+        """The request headers' phase after a plugin did not continue: `out` is
+        `headers_phase`'s (map, (index, action))."""
         hmap, stopped = out
-        rest = self._rest_of_phase(self.streams, stopped, wasm.REQUEST_HEADERS, hmap, end, None)
+        rest = self._rest_of_phase(self.streams, stopped, (_WASM or _wasm()).REQUEST_HEADERS,
+                                   hmap, end, None)
         return self._then(rest, self._request_edits, hmap)
 
     def _request_edits(self, hmap: Any) -> None:
@@ -162,16 +172,21 @@ class PluginChain:
                                  headers, False, status, ":status")
         if out.__class__ is not tuple:  # settled: None, or the :status a plugin set
             if out is not None:  # inline, not _response_edits: this runs every response
-                self.status = int(out) if out.isdigit() else None
+                self.status = int(out) if out.isascii() and out.isdigit() else None
             return None
+        return self._response_rest(out, status)
+
+    def _response_rest(self, out: tuple[Any, tuple[int, Any]], status: int) -> Awaitable[None]:
+        """As `_request_rest`, for the response headers."""
         hmap, stopped = out
-        rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_HEADERS, hmap, False, status)
+        rest = self._rest_of_phase(self.reversed_streams, stopped,
+                                   (_WASM or _wasm()).RESPONSE_HEADERS, hmap, False, status)
         return self._then(rest, self._response_edits, hmap)
 
     def _response_edits(self, hmap: Any) -> None:
         edited = (_WASM or _wasm()).edited_pseudo(hmap, ":status")
         if edited is not None:  # a :status that is no number keeps the upstream's
-            self.status = int(edited) if edited.isdigit() else None
+            self.status = int(edited) if edited.isascii() and edited.isdigit() else None
 
     @staticmethod
     async def _then(rest: Awaitable[None], after: Callable[[Any], None], hmap: Any) -> None:
@@ -219,8 +234,13 @@ class PluginChain:
         out = wasm.body_phase(streams, body)
         if out.__class__ is bytes:
             return out
+        return self._body_rest(out)
+
+    def _body_rest(self, out: tuple[Any, tuple[int, Any]]) -> Awaitable[bytes]:
+        """As `_request_rest`, for a response body read whole."""
         buffer, stopped = out
-        rest = self._rest_of_phase(streams, stopped, wasm.RESPONSE_BODY, buffer, True, None)
+        rest = self._rest_of_phase(self.reversed_streams, stopped,
+                                   (_WASM or _wasm()).RESPONSE_BODY, buffer, True, None)
         return self._body_after(rest, buffer)
 
     @staticmethod
@@ -267,6 +287,17 @@ class PluginChain:
         _finish(self.streams)
 
 
+#: PluginChain's own start and phases. Where the compiled driver runs, the first use of the
+#: wasm package puts C methods in their place (`_chain.h`, decision 2600); these stay the
+#: reference the tests hold them to.
+PYTHON_CHAIN_METHODS: dict[str, Any] = {
+    name: PluginChain.__dict__[name]
+    for name in ("start", "begin_request_headers", "begin_response_headers",
+                 "begin_whole_response_body")
+}
+_PYTHON_START = PYTHON_CHAIN_METHODS["start"].__func__
+
+
 class FinishBatch:
     """The closing callbacks of plugged requests, run together once per event-loop pass.
 
@@ -274,39 +305,45 @@ class FinishBatch:
     response is out, as Envoy runs them when a stream ends, not on the response's path.
     Under load one loop pass ends several plugged requests; their streams are finished
     plugin by plugin, so each plugin's closing code runs warm after its first request
-    (decision 1800). Each queued request holds its config snapshot (and with it the
-    plugin hosts) until its callbacks have run.
+    (decision 1800). The queued requests hold their config snapshots (and with them the
+    plugin hosts) until their callbacks have run: one hold for each run of requests on the
+    same snapshot, so a batch releases once per snapshot, not once per request.
     """
 
-    __slots__ = ("_holder", "_queued", "_sizes")
+    __slots__ = ("_holder", "_queued", "_held", "_sizes")
 
     def __init__(self, holder: ConfigHolder, sizes: Any = None) -> None:
         self._holder = holder
-        self._queued: list[tuple[PluginChain, SidecarConfig]] = []
+        self._queued: list[PluginChain] = []
+        self._held: list[SidecarConfig] = []
         #: A histogram observing each flush's request count (None: not exported).
         self._sizes = sizes
 
     def add(self, chain: PluginChain, config: SidecarConfig) -> None:
-        config.inflight += 1  # released by flush(), after the callbacks
         if not self._queued:
             asyncio.get_running_loop().call_soon(self.flush)
-        self._queued.append((chain, config))
+        self._queued.append(chain)
+        held = self._held
+        if not held or held[-1] is not config:
+            config.inflight += 1  # released by flush(), after the callbacks
+            held.append(config)
 
     def __len__(self) -> int:
         return len(self._queued)
 
     def flush(self) -> None:
         """Finish everything queued now (also before the plugin hosts close)."""
-        queued, self._queued = self._queued, []
+        queued, held = self._queued, self._held
         if not queued:
             return
+        self._queued, self._held = [], []
         try:
             # Plugin by plugin across the requests; within a request, filter order.
-            width = max(len(chain.streams) for chain, _ in queued)
-            _finish([chain.streams[i] for i in range(width) for chain, _ in queued
+            width = max(len(chain.streams) for chain in queued)
+            _finish([chain.streams[i] for i in range(width) for chain in queued
                      if i < len(chain.streams)])
         finally:
-            for _, config in queued:
+            for config in held:
                 self._holder.release(config)
         if self._sizes is not None:
             self._sizes.observe(len(queued))

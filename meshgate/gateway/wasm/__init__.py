@@ -53,7 +53,7 @@ from .actions import (
 from .context import Buffer, StreamInfo
 from .headers import HeaderMap, LiveHeaderMap
 from .host import PluginHost
-from .phases import body_phase, edited_pseudo, headers_phase, stream_info
+from .phases import body_phase, compile_chain, edited_pseudo, headers_phase, stream_info
 from .services import ForeignCall, ForeignFunction, HostServices, HttpCallDispatcher
 from .stream import (
     REQUEST_HEADERS,
@@ -89,6 +89,7 @@ __all__ = [
     "StreamAction",
     "StreamInfo",
     "body_phase",
+    "compile_chain",
     "drive_phase",
     "edited_pseudo",
     "finish_streams",

@@ -253,6 +253,7 @@ typedef struct {
 #include "_driver.h"
 #include "_streams.h"
 #include "_phases.h"
+#include "_chain.h"
 
 #define RELEASE_GIL(taken, state) \
     do {                              \
@@ -463,6 +464,9 @@ static PyMethodDef crossing_methods[] = {
     {"configure_phases", (PyCFunction)(void (*)(void))configure_phases, METH_FASTCALL,
      "configure_phases(map_template, buffer_template, info_template): what the compiled "
      "phases copy; the map's type is the LiveHeaderMap the fast paths edit in place."},
+    {"compile_chain", (PyCFunction)(void (*)(void))compile_chain, METH_FASTCALL,
+     "compile_chain(template, start): PluginChain's compiled start and phases, as "
+     "{name: descriptor} for the class to take; `start` is its reference's function."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -481,7 +485,7 @@ PyInit__crossing(void)
         PyType_Ready(&EpochClockType) < 0)
         return NULL;
     if (init_fast_paths() < 0 || init_driver() < 0 ||
-        init_streams() < 0 || init_phases() < 0)
+        init_streams() < 0 || init_phases() < 0 || init_chain() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&crossing_module);
     if (m == NULL)

@@ -86,6 +86,25 @@ phases_configured(void)
     return 0;
 }
 
+/* A header phase over `streams` (a list): what headers_phase answers. `pseudo` is a list
+ * the map keeps, `watched` an ASCII str. */
+static PyObject *
+run_headers_phase(PyObject *streams, long phase, PyObject *pseudo, PyObject *headers,
+                  PyObject *eos, PyObject *code, PyObject *watched)
+{
+    PyObject *values[MAP_SET] = {pseudo, headers};
+    PyObject *hmap = filled_copy(p_map_template, p_map_offsets, values, MAP_SET);
+    PyObject *stopped = hmap ? drive_streams(streams, 0, phase, hmap, eos, code) : NULL;
+    PyObject *out = NULL;
+    if (stopped != NULL && stopped != Py_None)
+        out = PyTuple_Pack(2, hmap, stopped);
+    else if (stopped != NULL)
+        out = edited_pseudo(hmap, watched);
+    Py_XDECREF(stopped);
+    Py_XDECREF(hmap);
+    return out;
+}
+
 /* headers_phase(streams, phase, pseudo, headers, end_of_stream, code, watched) */
 static PyObject *
 headers_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -98,7 +117,6 @@ headers_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!phases_configured())
         return NULL;
-    PyObject *streams = args[0], *headers = args[3];
     long phase = PyLong_AsLong(args[1]);
     if (phase == -1 && PyErr_Occurred())
         return NULL;
@@ -106,16 +124,30 @@ headers_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "not a header phase: %ld", phase);
         return NULL;
     }
-    PyObject *values[MAP_SET] = {args[2], headers};
-    PyObject *hmap = filled_copy(p_map_template, p_map_offsets, values, MAP_SET);
-    PyObject *stopped = hmap ? drive_streams(streams, 0, phase, hmap, args[4], args[5]) : NULL;
+    return run_headers_phase(args[0], phase, args[2], args[3], args[4], args[5], args[6]);
+}
+
+/* A response body read whole through `streams` (a list): what body_phase answers. */
+static PyObject *
+run_body_phase(PyObject *streams, PyObject *body)
+{
+    PyObject *data = PyByteArray_FromObject(body);
+    PyObject *values[BUFFER_SET] = {data};
+    PyObject *buffer =
+        data ? filled_copy(p_buffer_template, p_buffer_offsets, values, BUFFER_SET) : NULL;
+    Py_XDECREF(data);
+    PyObject *stopped =
+        buffer ? drive_streams(streams, 0, PHASE_RESPONSE_BODY, buffer, Py_True, Py_None) : NULL;
     PyObject *out = NULL;
-    if (stopped != NULL && stopped != Py_None)
-        out = PyTuple_Pack(2, hmap, stopped);
-    else if (stopped != NULL)
-        out = edited_pseudo(hmap, args[6]);
+    if (stopped != NULL && stopped != Py_None) {
+        out = PyTuple_Pack(2, buffer, stopped);
+    } else if (stopped != NULL) {
+        PyObject *edited = GETATTR(buffer, d_data);
+        out = edited ? PyBytes_FromObject(edited) : NULL;
+        Py_XDECREF(edited);
+    }
     Py_XDECREF(stopped);
-    Py_XDECREF(hmap);
+    Py_XDECREF(buffer);
     return out;
 }
 
@@ -129,24 +161,24 @@ body_phase(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!phases_configured())
         return NULL;
-    PyObject *data = PyByteArray_FromObject(args[1]);
-    PyObject *values[BUFFER_SET] = {data};
-    PyObject *buffer =
-        data ? filled_copy(p_buffer_template, p_buffer_offsets, values, BUFFER_SET) : NULL;
-    Py_XDECREF(data);
-    PyObject *stopped =
-        buffer ? drive_streams(args[0], 0, PHASE_RESPONSE_BODY, buffer, Py_True, Py_None) : NULL;
-    PyObject *out = NULL;
-    if (stopped != NULL && stopped != Py_None) {
-        out = PyTuple_Pack(2, buffer, stopped);
-    } else if (stopped != NULL) {
-        PyObject *edited = GETATTR(buffer, d_data);
-        out = edited ? PyBytes_FromObject(edited) : NULL;
-        Py_XDECREF(edited);
-    }
-    Py_XDECREF(stopped);
-    Py_XDECREF(buffer);
-    return out;
+    return run_body_phase(args[0], args[1]);
+}
+
+/* A StreamInfo of the 7 values stream_info takes, started now. */
+static PyObject *
+new_stream_info(PyObject *const *args)
+{
+    struct timespec now; /* time.time_ns()'s clock */
+    if (clock_gettime(CLOCK_REALTIME, &now) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    PyObject *start = PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
+    if (start == NULL)
+        return NULL;
+    PyObject *values[INFO_SET] = {args[0], args[1], args[2], args[3], args[4], args[5],
+                                  args[6], start};
+    PyObject *info = filled_copy(p_info_template, p_info_offsets, values, INFO_SET);
+    Py_DECREF(start);
+    return info;
 }
 
 /* stream_info(request_id, traceparent, tracestate, span, connection, route_name,
@@ -161,17 +193,7 @@ stream_info(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!phases_configured())
         return NULL;
-    struct timespec now; /* time.time_ns()'s clock */
-    if (clock_gettime(CLOCK_REALTIME, &now) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    PyObject *start = PyLong_FromLongLong((long long)now.tv_sec * 1000000000LL + now.tv_nsec);
-    if (start == NULL)
-        return NULL;
-    PyObject *values[INFO_SET] = {args[0], args[1], args[2], args[3], args[4], args[5],
-                                  args[6], start};
-    PyObject *info = filled_copy(p_info_template, p_info_offsets, values, INFO_SET);
-    Py_DECREF(start);
-    return info;
+    return new_stream_info(args);
 }
 
 /* configure_phases(map_template, buffer_template, info_template): the map a

@@ -127,15 +127,10 @@ open_stream(PyObject *host, PyObject *info)
     return stream;
 }
 
-/* open_streams(hosts, info): stream.open_streams_py, compiled. */
+/* One stream per host of `hosts` (a tuple or list), as open_streams answers. */
 static PyObject *
-open_streams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+open_stream_list(PyObject *hosts, PyObject *info)
 {
-    if (nargs != 2 || !(PyTuple_CheckExact(args[0]) || PyList_CheckExact(args[0]))) {
-        PyErr_SetString(PyExc_TypeError, "open_streams(hosts: tuple | list, info)");
-        return NULL;
-    }
-    PyObject *hosts = args[0], *info = args[1];
     Py_ssize_t n = PySequence_Fast_GET_SIZE(hosts);
     PyObject *out = PyList_New(n);
     for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
@@ -149,6 +144,17 @@ open_streams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             PyList_SET_ITEM(out, i, stream);
     }
     return out;
+}
+
+/* open_streams(hosts, info): stream.open_streams_py, compiled. */
+static PyObject *
+open_streams(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !(PyTuple_CheckExact(args[0]) || PyList_CheckExact(args[0]))) {
+        PyErr_SetString(PyExc_TypeError, "open_streams(hosts: tuple | list, info)");
+        return NULL;
+    }
+    return open_stream_list(args[0], args[1]);
 }
 
 /* configure_streams(ctx_template, stream_template) */

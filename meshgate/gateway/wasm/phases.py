@@ -24,7 +24,7 @@ from .stream import REQUEST_HEADERS, RESPONSE_BODY, RESPONSE_HEADERS, drive_phas
 Unsettled = tuple[Any, tuple[int, Any]]
 
 __all__ = ["REQUEST_HEADERS", "RESPONSE_HEADERS", "RESPONSE_BODY", "body_phase",
-           "edited_pseudo", "headers_phase", "stream_info"]
+           "compile_chain", "edited_pseudo", "headers_phase", "stream_info"]
 
 
 def headers_phase_py(streams: list[Any], phase: int, pseudo: list[tuple[str, str]],
@@ -79,3 +79,6 @@ if COMPILED_DRIVER is not None:
 headers_phase = COMPILED_DRIVER.headers_phase if COMPILED_DRIVER is not None else headers_phase_py
 body_phase = COMPILED_DRIVER.body_phase if COMPILED_DRIVER is not None else body_phase_py
 stream_info = COMPILED_DRIVER.stream_info if COMPILED_DRIVER is not None else stream_info_py
+#: ``compile_chain(template, start)``: the data path's ``PluginChain`` start and phases as
+#: C methods (``_chain.h``), or None without the compiled driver. ``filters.py`` calls it.
+compile_chain = COMPILED_DRIVER.compile_chain if COMPILED_DRIVER is not None else None

@@ -178,6 +178,30 @@ async def test_finish_batch_closes_a_loop_pass_of_requests_after_it_plugin_by_pl
     assert batches() == (2, 4)  # the empty pass is no batch
 
 
+async def test_finish_batch_holds_a_snapshot_once_for_its_run_of_requests(load: Any) -> None:
+    """Requests on the same config snapshot share one hold of it until the batch has run;
+    another snapshot in between takes a hold of its own."""
+    host = await load(plugin(), name="p")
+    request = make_mocked_request("GET", "/a", headers={"Host": "svc"})
+    released: list[int] = []
+
+    class Holder:
+        @staticmethod
+        def release(config: Any) -> None:
+            config.inflight -= 1
+            released.append(config.i)
+
+    batch = FinishBatch(Holder())  # type: ignore[arg-type]
+    old, new = SimpleNamespace(i=0, inflight=1), SimpleNamespace(i=1, inflight=1)
+    for config in (old, old, new, new, new, old):
+        batch.add(PluginChain.start([host], request, None, 1024, None), config)
+    assert (old.inflight, new.inflight) == (3, 2) and len(batch) == 6
+    assert len(host.streams) == 6
+    await asyncio.sleep(0)
+    assert released == [0, 1, 0] and (old.inflight, new.inflight) == (1, 1)
+    assert not host.streams
+
+
 EDITS = [("set", "X-A", "1"), ("add", "x-b", "2"), ("set", "x-b", "3"), ("remove", "X-C", None),
          ("add", "x-a", "4"), ("set", "x-a", "5"), ("set", ":path", "/b"), ("add", "New", "6"),
          ("remove", "x-missing", None), ("set", "x-c", "7")]
