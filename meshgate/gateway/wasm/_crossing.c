@@ -77,8 +77,11 @@ load_result(const raw_val *slot, char kind)
 
 /* Set on this thread while a WasmCall that keeps the GIL runs the guest: host functions
  * the guest calls meanwhile know the GIL is theirs, without PyGILState_Ensure/Release
- * (about 80 instructions a host call). Saved and restored around nested calls. */
-static _Thread_local int gil_held_by_call;
+ * (about 80 instructions a host call). Saved and restored around nested calls.
+ * Initial-exec: an access is one thread-pointer-relative load, not a __tls_get_addr call
+ * (about 80 of those a plugged request); the four bytes come from the static TLS space
+ * the C library keeps for modules loaded later. */
+static _Thread_local int gil_held_by_call __attribute__((tls_model("initial-exec")));
 
 /* ---- WasmCall: one exported function, called through wasmtime_func_call_unchecked ---- */
 

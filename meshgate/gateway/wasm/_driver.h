@@ -108,13 +108,14 @@ driver_export_names(void)
     return names;
 }
 
-/* A new reference's truth value, the reference released: 1, 0, or -1 (NULL, or raised). */
+/* A new reference's truth value, the reference released: 1, 0, or -1 (NULL, or raised).
+ * The flags read this way are bools or None nearly always: those without a call. */
 static int
 truth_of(PyObject *v)
 {
     if (v == NULL)
         return -1;
-    int r = PyObject_IsTrue(v);
+    int r = v == Py_True ? 1 : v == Py_False || v == Py_None ? 0 : PyObject_IsTrue(v);
     Py_DECREF(v);
     return r;
 }
