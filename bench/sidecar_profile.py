@@ -15,7 +15,10 @@ The plugin path is every sample with a frame of the plugin chain (`PluginChain`,
 closing batch and the stream info in `gateway/filters.py`) or of
 the proxy-wasm host (`gateway/wasm/`): the callbacks into wasm, the host functions,
 the data path's work for the plugins. Native code (the compiled crossings, wasmtime,
-the guests) counts in the Python frame that called it.
+the guests) counts in the Python frame that called it. Where the compiled driver runs,
+`PluginChain.start` and its three per-request phases are C methods (decision 2600) with
+no frame of their own: a sample in one has the data path's frame at the line that calls
+it (found in `gateway/proxy.py` by its syntax tree) and counts for the method called.
 
 `--floor` also samples a listener with two plugins that do nothing (`plugins/noop`):
 every callback still runs, as Envoy drives them, so what that listener's plugin path
@@ -57,9 +60,41 @@ from sidecar_bench import (  # noqa: E402
 )
 
 RATE = 1000  # samples a second
+CHAIN_METHODS = ("start", "begin_request_headers", "begin_response_headers",
+                 "begin_whole_response_body")
 PLUGIN_FRAME = re.compile(
     r"\((meshgate/gateway/wasm/|meshgate/gateway/filters\.py)"
     r"|^(PluginChain\.|FinishBatch\.|_finish |_stream_info )")
+
+
+def chain_call_lines() -> dict[int, str]:
+    """`gateway/proxy.py`'s lines inside a call of PluginChain's compiled methods, each
+    with the method's name: a sample at one is in the method (it has no frame)."""
+    import ast
+
+    source = (REPO / "meshgate/gateway/proxy.py").read_text()
+    lines: dict[int, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr in CHAIN_METHODS):
+            for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
+                lines[line] = f"PluginChain.{node.func.attr} (compiled)"
+    return lines
+
+
+CHAIN_LINES = chain_call_lines()
+PROXY_LINE = re.compile(r"\(meshgate/gateway/proxy\.py:(\d+)\)$")
+
+
+def plugin_frame(names: list[str]) -> str | None:
+    """The outermost frame of `names` (a stack, outermost first) on the plugin path."""
+    for name in names:
+        if PLUGIN_FRAME.search(name):
+            return re.sub(r":\d+\)$", ")", name)
+        at = PROXY_LINE.search(name)
+        if at is not None and int(at.group(1)) in CHAIN_LINES:
+            return CHAIN_LINES[int(at.group(1))]
+    return None
 
 
 def py_spy() -> str:
@@ -94,10 +129,10 @@ def attribute(dump: Path) -> tuple[float, float, collections.Counter[str]]:
     for line in dump.read_text().splitlines():
         names, count = frames(line)
         total += count
-        hit = next((f for f in names if PLUGIN_FRAME.search(f)), None)
+        hit = plugin_frame(names)
         if hit is not None:
             plugin += count
-            outer[re.sub(r":\d+\)$", ")", hit)] += count
+            outer[hit] += count
     return total, plugin, outer
 
 
