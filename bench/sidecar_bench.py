@@ -16,6 +16,10 @@ prints this tree's req/s over that one's. `--compare .` with `--gc-young-thresho
 `--compare-gc-young-threshold` sets two settings of the same code against each other.
 The first sidecar started keeps a small edge (same code on both sides: 1.01-1.02 in
 decision 2200's runs), so a comparison is run twice with the sides swapped.
+
+`--compare-plugins DIR` adds, on the same sidecar, a listener whose rate-limit and auth
+come from DIR's `rate_limit.wasm` and `auth.wasm` (another build of the plugins), loaded
+in the same rounds; it prints that listener's req/s over the plugged one's.
 """
 
 from __future__ import annotations
@@ -67,10 +71,12 @@ def plugin(name: str) -> Path:
     raise SystemExit(f"plugin {name} not built: run `make setup` first")
 
 
-def mesh_config(ports: dict[str, int], floor: bool = False) -> dict[str, object]:
+def mesh_config(ports: dict[str, int], floor: bool = False,
+                compare_plugins: Path | None = None) -> dict[str, object]:
     """The benches' mesh. `floor` adds, on the sidecar only, a listener whose two plugins
     do nothing: the floor under any pair of SDK plugins (`bench/sidecar_profile.py
-    --floor`)."""
+    --floor`). `compare_plugins` adds one whose rate-limit and auth are that directory's
+    build."""
     key_sha = hashlib.sha256(API_KEY.encode()).hexdigest()
     route = [{"name": "all", "prefix": "/", "cluster": "upstream"}]
     config: dict[str, Any] = {
@@ -112,6 +118,13 @@ def mesh_config(ports: dict[str, int], floor: bool = False) -> dict[str, object]
         config["plugins"] += [{"name": name, "wasm": str(plugin("noop.wasm"))}
                               for name in ("noop-1", "noop-2")]
         config["nodes"][0]["listeners"].append("floor")
+    if compare_plugins is not None:
+        config["listeners"].append({"name": "plugged-b", "port": ports["plugged_b"],
+                                    "routes": route, "plugins": ["rate-limit-b", "auth-b"]})
+        config["plugins"] += [{**spec, "name": f"{spec['name']}-b",
+                               "wasm": str(compare_plugins / Path(spec["wasm"]).name)}
+                              for spec in config["plugins"][:2]]
+        config["nodes"][0]["listeners"].append("plugged-b")
     return config
 
 
@@ -209,19 +222,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_mesh(stack: contextlib.ExitStack, tmp: Path, floor: bool = False) -> dict[str, int]:
+def start_mesh(stack: contextlib.ExitStack, tmp: Path, floor: bool = False,
+               compare_plugins: Path | None = None) -> dict[str, int]:
     """A free port for every part, `tmp`/meshgate.yaml (`mesh_config`), and the upstream
     and the control server started (stopped with `stack`). The sidecars and Envoy are the
     caller's."""
     import yaml
 
     names = ("upstream", "bare", "plugged", "floor", "envoy", "xds", "http", "admin", "envoy_admin",
-             "cmp_bare", "cmp_plugged", "cmp_admin")  # fmt: skip
+             "cmp_bare", "cmp_plugged", "cmp_admin", "plugged_b")  # fmt: skip
     found: set[int] = set()
     while len(found) < len(names):  # a probed port is free again: one may come back
         found.add(free_port())
     ports = dict(zip(names, found, strict=True))
-    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports, floor)))
+    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports, floor,
+                                                                  compare_plugins)))
     stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
     stack.enter_context(process(
         [PY, "-m", "meshgate.cli", "serve", "--config", str(tmp / "meshgate.yaml"),
@@ -241,6 +256,7 @@ def run(
     pin: bool = False,
     gc_young_threshold: int | None = None,
     compare_gc_young_threshold: int | None = None,
+    compare_plugins: Path | None = None,
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]],
            tuple[float, float]]:
     """The medians over the rounds per target, each round's figures, and this tree's
@@ -254,7 +270,7 @@ def run(
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
     proxy_cpu = pinned_proxies(pin)
     with contextlib.ExitStack() as stack:
-        ports = start_mesh(stack, tmp)
+        ports = start_mesh(stack, tmp, compare_plugins=compare_plugins)
         bootstrap = envoy_bootstrap(
             node_id="envoy-bench",
             node_cluster="envoy",
@@ -288,6 +304,8 @@ def run(
         }
         if not envoy:
             del targets["envoy 1 worker (rate-limit + auth)"]
+        if compare_plugins is not None:
+            targets[PLUGINS_B] = f"http://127.0.0.1:{ports['plugged_b']}/"
         if compare is not None:
             targets["compare: sidecar (bare)"] = f"http://127.0.0.1:{ports['cmp_bare']}/"
             targets["compare: sidecar (rate-limit + auth)"] = (
@@ -360,6 +378,9 @@ def gc_per_request(before: tuple[float, float] | None, admin_port: int,
             (after[0] - before[0]) / requests * 1000)
 
 
+PLUGINS_B = "sidecar (--compare-plugins build)"
+
+
 def paired(runs: dict[str, list[dict[str, float]]], num: str, den: str) -> str:
     """The req/s ratio of two targets within each round (measured a few seconds apart,
     so less exposed to the machine's drift than a ratio of medians): median and range."""
@@ -385,10 +406,14 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true",
                         help="the proxies on CPU 0, wrk and the upstream on the others "
                         "(needs 2 CPUs or more)")
+    parser.add_argument("--compare-plugins", type=Path, metavar="DIR",
+                        help="also a listener of this sidecar whose rate_limit.wasm and "
+                        "auth.wasm come from DIR, in the same rounds")
     args = parser.parse_args()
     results, runs, batches = run(args.seconds, args.connections, args.profile, not args.no_envoy,
                         args.rounds, not args.no_uvloop, args.compare, args.pin,
-                        args.gc_young_threshold, args.compare_gc_young_threshold)  # fmt: skip
+                        args.gc_young_threshold, args.compare_gc_young_threshold,
+                        args.compare_plugins)  # fmt: skip
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
           f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}"
@@ -409,6 +434,10 @@ def main() -> None:
               f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")
     print(f"closing callbacks batched: {batches[0]:.0f} batches, {batches[1]:.2f} plugged "
           "requests each")
+    if args.compare_plugins is not None:
+        print(f"--compare-plugins build / this build: "
+              f"{results[PLUGINS_B]['rps'] / plugged:.2f} "
+              f"({paired(runs, PLUGINS_B, plugged_name)})")
     if args.compare is not None:
         c_bare, c_plugged = rps["compare: sidecar (bare)"], rps[
             "compare: sidecar (rate-limit + auth)"]
