@@ -1,0 +1,124 @@
+"""Instructions a request inside the plugins' own code, by function, counted by valgrind.
+
+Run: .venv/bin/python bench/guest_functions.py --plugins DIR [-n 1000] [--top 40]
+
+The request is `bench/chain_instructions.py`'s (rate-limit + auth through `PluginChain`,
+no sockets), in a child under `valgrind --tool=callgrind`, with 200 and with 200 + n
+requests; the difference over n is one request. wasmtime compiles the plugins with its
+perf-map profiler on, so each child writes `/tmp/perf-PID.map`, which names the address
+ranges of the compiled code; callgrind's counts for those addresses are summed by
+function. Printed: the guests' instructions a request in all, then the functions, most
+first. The host's side (the crossings, the interpreter) is `chain_instructions.py`'s.
+
+Function names come from the modules' name section, which the release build strips.
+Build a copy that keeps it for DIR:
+
+    cd plugins && CARGO_PROFILE_RELEASE_STRIP=false CARGO_TARGET_DIR=/tmp/named \\
+        cargo build --release --target wasm32-wasip1 -p auth -p rate-limit
+    # DIR: /tmp/named/wasm32-wasip1/release (rate_limit.wasm, auth.wasm)
+
+The code is the same as the stripped build's. Without names the functions show as
+`wasm[0]::function[N]`. Needs valgrind; about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import collections
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WARM_UP = 200
+JIT_LINE = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\?\?\?:0x([0-9a-f]+)\S* \[\?\?\?\]")
+HASH_SUFFIX = re.compile(r"(::h[0-9a-f]{16}|17h[0-9a-f]{16}E)$")
+
+
+def child(requests: int, plugins: Path, cache: Path) -> None:
+    import wasmtime
+    from chain_instructions import child as one_run  # bench/ is on sys.path
+
+    init = wasmtime.Config.__init__
+
+    def with_perf_map(self: wasmtime.Config, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)
+        self.profiler = "perfmap"
+
+    wasmtime.Config.__init__ = with_perf_map  # type: ignore[method-assign]
+    asyncio.run(one_run("with", requests - WARM_UP, plugins, cache))
+
+
+def counted(requests: int, plugins: Path, cache: Path, out: Path) -> tuple[Path, Path]:
+    """Runs the child under callgrind: its callgrind file and its perf map."""
+    cmd = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file",
+           f"--callgrind-out-file={out}", sys.executable, __file__, "--child",
+           str(requests), "--plugins", str(plugins), "--cache", str(cache)]
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    pid = re.search(r"^==(\d+)==", run.stderr, re.M)
+    if run.returncode != 0 or pid is None:
+        raise SystemExit(f"valgrind run failed:\n{run.stderr[-2000:]}")
+    return out, Path(f"/tmp/perf-{pid.group(1)}.map")
+
+
+def by_function(callgrind: Path, perf_map: Path) -> collections.Counter[str]:
+    ranges = []
+    for line in perf_map.read_text().splitlines():
+        start, size, name = line.split(" ", 2)
+        ranges.append((int(start, 16), int(size, 16), name))
+    ranges.sort()
+    starts = [r[0] for r in ranges]
+    text = subprocess.run(["callgrind_annotate", "--threshold=100", str(callgrind)],
+                          capture_output=True, text=True, check=True).stdout
+    counts: collections.Counter[str] = collections.Counter()
+    for line in text.splitlines():
+        found = JIT_LINE.match(line)
+        if found is None:
+            continue
+        address = int(found.group(2), 16)
+        i = bisect.bisect_right(starts, address) - 1
+        inside = i >= 0 and address < ranges[i][0] + ranges[i][1]
+        name = ranges[i][2] if inside else "(outside the plugins' code)"
+        name = HASH_SUFFIX.sub("", re.sub(r"^wasm\[\d+\]::function\[\d+\]::", "", name))
+        counts[name] += int(found.group(1).replace(",", ""))
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--plugins", type=Path, default=REPO / "build/plugins")
+    parser.add_argument("-n", type=int, default=1000, help="requests counted")
+    parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.child, args.plugins, args.cache)
+        return
+    with tempfile.TemporaryDirectory(prefix="meshgate-guest-") as tmp:
+        work = Path(tmp)
+        # Compiled outside valgrind first: both counted runs load the modules from the cache.
+        subprocess.run([sys.executable, __file__, "--child", str(WARM_UP), "--plugins",
+                        str(args.plugins), "--cache", str(work / "cache")], check=True,
+                       cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+        runs = [counted(WARM_UP + extra, args.plugins, work / "cache", work / f"cg.{extra}")
+                for extra in (0, args.n)]
+        before, after = (by_function(*run) for run in runs)
+        for _, perf_map in runs:
+            perf_map.unlink(missing_ok=True)
+    per_request = collections.Counter(
+        {name: (after[name] - before[name]) / args.n for name in after | before})
+    print(f"{args.plugins}: the plugins' own code runs "
+          f"{sum(per_request.values()):,.0f} instructions a request")
+    for name, count in per_request.most_common(args.top):
+        print(f"{count:9,.0f}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
