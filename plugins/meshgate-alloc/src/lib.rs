@@ -11,6 +11,13 @@
 //!
 //! Not thread-safe: a proxy-wasm VM runs one thread. The plugins install it only for
 //! wasm32 without atomics, where there is no other thread.
+//!
+//! Every block it frees must be one Rust's allocator handed out: a freed block is reused
+//! for any size of its class. The proxy-wasm SDK on wasm32-wasip1 exports
+//! `proxy_on_memory_allocate` (Rust's allocator) for the buffers the host hands over, and
+//! frees them through Rust. A module that also exports the C library's `malloc` would
+//! have its host's buffers come from there (hosts prefer `malloc`), freed through Rust:
+//! such a module must not install this allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
