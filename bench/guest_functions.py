@@ -1,6 +1,7 @@
 """Instructions a request inside the plugins' own code, by function, counted by valgrind.
 
 Run: .venv/bin/python bench/guest_functions.py --plugins DIR [-n 1000] [--top 40]
+     [--baseline DIR]
 
 The request is `bench/chain_instructions.py`'s (rate-limit + auth through `PluginChain`,
 no sockets), in a child under `valgrind --tool=callgrind`, with 200 and with 200 + n
@@ -9,6 +10,10 @@ perf-map profiler on, so each child writes `/tmp/perf-PID.map`, which names the 
 ranges of the compiled code; callgrind's counts for those addresses are summed by
 function. Printed: the guests' instructions a request in all, then the functions, most
 first. The host's side (the crossings, the interpreter) is `chain_instructions.py`'s.
+
+`--baseline DIR` counts another build the same way (e.g. the plugins before a change)
+and prints this build's total over the baseline's, then the functions whose count changed
+most.
 
 Function names come from the modules' name section, which the release build strips.
 Build a copy that keeps it for DIR:
@@ -94,30 +99,47 @@ def main() -> None:
     parser.add_argument("--plugins", type=Path, default=REPO / "build/plugins")
     parser.add_argument("-n", type=int, default=1000, help="requests counted")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="another build of the plugins, counted the same way: the "
+                        "ratio of the totals and the functions that changed most")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         child(args.child, args.plugins, args.cache)
         return
+    counts = per_request(args.plugins, args.n)
+    total = sum(counts.values())
+    print(f"{args.plugins}: the plugins' own code runs {total:,.0f} instructions a request")
+    if args.baseline is not None:
+        base = per_request(args.baseline, args.n)
+        print(f"{args.baseline} (baseline): {sum(base.values()):,.0f}; "
+              f"this build / baseline: {total / sum(base.values()):.3f}")
+        print("largest differences, instructions a request (this build - baseline):")
+        changes = collections.Counter({name: counts[name] - base[name]
+                                       for name in counts | base})
+        for name, change in sorted(changes.items(), key=lambda kv: -abs(kv[1]))[:args.top]:
+            print(f"{change:+9,.0f}  {name[:110]}")
+        return
+    for name, count in counts.most_common(args.top):
+        print(f"{count:9,.0f}  {name[:110]}")
+
+
+def per_request(plugins: Path, n: int) -> collections.Counter[str]:
+    """The guests' instructions a request by function, for the plugins in `plugins`."""
     with tempfile.TemporaryDirectory(prefix="meshgate-guest-") as tmp:
         work = Path(tmp)
         # Compiled outside valgrind first: both counted runs load the modules from the cache.
         subprocess.run([sys.executable, __file__, "--child", str(WARM_UP), "--plugins",
-                        str(args.plugins), "--cache", str(work / "cache")], check=True,
+                        str(plugins), "--cache", str(work / "cache")], check=True,
                        cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-        runs = [counted(WARM_UP + extra, args.plugins, work / "cache", work / f"cg.{extra}")
-                for extra in (0, args.n)]
+        runs = [counted(WARM_UP + extra, plugins, work / "cache", work / f"cg.{extra}")
+                for extra in (0, n)]
         before, after = (by_function(*run) for run in runs)
         for _, perf_map in runs:
             perf_map.unlink(missing_ok=True)
-    per_request = collections.Counter(
-        {name: (after[name] - before[name]) / args.n for name in after | before})
-    print(f"{args.plugins}: the plugins' own code runs "
-          f"{sum(per_request.values()):,.0f} instructions a request")
-    for name, count in per_request.most_common(args.top):
-        print(f"{count:9,.0f}  {name[:110]}")
-
+    return collections.Counter({name: (after[name] - before[name]) / n
+                                for name in after | before})
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent))
