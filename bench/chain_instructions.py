@@ -75,19 +75,28 @@ async def child(variant: str, n: int, plugins: Path, cache: Path) -> None:
     services.close()
 
 
-def instructions(tree: Path, variant: str, n: int, plugins: Path, cache: Path) -> int:
-    """Instructions the child executes with `tree`'s meshgate (and this tree's bench
-    scripts, so a tree from before this bench can be compared)."""
+def under_callgrind(script: str, args: list[str], tree: Path, out: str = "/dev/null") -> str:
+    """Runs `script args` with `tree`'s meshgate under callgrind (its counts to `out`):
+    valgrind's report."""
     cmd = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file",
-           "--callgrind-out-file=/dev/null", sys.executable, __file__, "--child", variant,
-           "-n", str(n), "--plugins", str(plugins), "--cache", str(cache)]
+           f"--callgrind-out-file={out}", sys.executable, script, *args]
     # A fixed hash seed: string hashing decides dict layouts, and with it a few thousand
     # instructions a request between otherwise identical runs.
     env = {"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"valgrind run failed in {tree}:\n{out.stderr[-2000:]}")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
+    if run.returncode != 0:
+        raise SystemExit(f"valgrind run failed in {tree}:\n{run.stderr[-2000:]}")
+    return run.stderr
+
+
+def instructions(tree: Path, variant: str, n: int, plugins: Path, cache: Path) -> int:
+    """Instructions the child executes with `tree`'s meshgate (and this tree's bench
+    scripts, so a tree from before this bench can be compared)."""
+    report = under_callgrind(__file__, ["--child", variant, "-n", str(n), "--plugins",
+                                        str(plugins), "--cache", str(cache)], tree)
+    found = re.search(r"Collected : (\d+)", report)
+    if found is None:
+        raise SystemExit(f"no instruction count in valgrind's report:\n{report[-2000:]}")
     return int(found.group(1))
 
 

@@ -4,8 +4,8 @@ Run: .venv/bin/python bench/guest_functions.py --plugins DIR [-n 1000] [--top 40
      [--baseline DIR]
 
 The request is `bench/chain_instructions.py`'s (rate-limit + auth through `PluginChain`,
-no sockets), in a child under `valgrind --tool=callgrind`, with 200 and with 200 + n
-requests; the difference over n is one request. wasmtime compiles the plugins with its
+no sockets), in a child under `valgrind --tool=callgrind`, with its warm-up alone and
+with n requests more; the difference over n is one request. wasmtime compiles the plugins with its
 perf-map profiler on, so each child writes `/tmp/perf-PID.map`, which names the address
 ranges of the compiled code; callgrind's counts for those addresses are summed by
 function. Printed: the guests' instructions a request in all, then the functions, most
@@ -39,12 +39,13 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WARM_UP = 200
 JIT_LINE = re.compile(r"^\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+\?\?\?:0x([0-9a-f]+)\S* \[\?\?\?\]")
 HASH_SUFFIX = re.compile(r"(::h[0-9a-f]{16}|17h[0-9a-f]{16}E)$")
 
 
-def child(requests: int, plugins: Path, cache: Path) -> None:
+def child(extra: int, plugins: Path, cache: Path) -> None:
+    """`chain_instructions`'s child ("with", `extra` requests after its warm-up), its
+    modules compiled with wasmtime's perf map on."""
     import wasmtime
     from chain_instructions import child as one_run  # bench/ is on sys.path
 
@@ -55,19 +56,18 @@ def child(requests: int, plugins: Path, cache: Path) -> None:
         self.profiler = "perfmap"
 
     wasmtime.Config.__init__ = with_perf_map  # type: ignore[method-assign]
-    asyncio.run(one_run("with", requests - WARM_UP, plugins, cache))
+    asyncio.run(one_run("with", extra, plugins, cache))
 
 
-def counted(requests: int, plugins: Path, cache: Path, out: Path) -> tuple[Path, Path]:
+def counted(extra: int, plugins: Path, cache: Path, out: Path) -> tuple[Path, Path]:
     """Runs the child under callgrind: its callgrind file and its perf map."""
-    cmd = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file",
-           f"--callgrind-out-file={out}", sys.executable, __file__, "--child",
-           str(requests), "--plugins", str(plugins), "--cache", str(cache)]
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": "0"}
-    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    pid = re.search(r"^==(\d+)==", run.stderr, re.M)
-    if run.returncode != 0 or pid is None:
-        raise SystemExit(f"valgrind run failed:\n{run.stderr[-2000:]}")
+    from chain_instructions import under_callgrind
+
+    report = under_callgrind(__file__, ["--child", str(extra), "--plugins", str(plugins),
+                                        "--cache", str(cache)], REPO, str(out))
+    pid = re.search(r"^==(\d+)==", report, re.M)
+    if pid is None:
+        raise SystemExit(f"no process id in valgrind's report:\n{report[-2000:]}")
     return out, Path(f"/tmp/perf-{pid.group(1)}.map")
 
 
@@ -130,10 +130,10 @@ def per_request(plugins: Path, n: int) -> collections.Counter[str]:
     with tempfile.TemporaryDirectory(prefix="meshgate-guest-") as tmp:
         work = Path(tmp)
         # Compiled outside valgrind first: both counted runs load the modules from the cache.
-        subprocess.run([sys.executable, __file__, "--child", str(WARM_UP), "--plugins",
+        subprocess.run([sys.executable, __file__, "--child", "0", "--plugins",
                         str(plugins), "--cache", str(work / "cache")], check=True,
                        cwd=REPO, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-        runs = [counted(WARM_UP + extra, plugins, work / "cache", work / f"cg.{extra}")
+        runs = [counted(extra, plugins, work / "cache", work / f"cg.{extra}")
                 for extra in (0, n)]
         before, after = (by_function(*run) for run in runs)
         for _, perf_map in runs:

@@ -171,8 +171,8 @@ class PluginChain:
         out = wasm.headers_phase(streams, wasm.RESPONSE_HEADERS, [(":status", str(status))],
                                  headers, False, status, ":status")
         if out.__class__ is not tuple:  # settled: None, or the :status a plugin set
-            if out is not None:  # inline, not _response_edits: this runs every response
-                self.status = int(out) if out.isascii() and out.isdigit() else None
+            if out is not None:
+                self.status = _status_code(out)
             return None
         return self._response_rest(out, status)
 
@@ -185,8 +185,8 @@ class PluginChain:
 
     def _response_edits(self, hmap: Any) -> None:
         edited = (_WASM or _wasm()).edited_pseudo(hmap, ":status")
-        if edited is not None:  # a :status that is no number keeps the upstream's
-            self.status = int(edited) if edited.isascii() and edited.isdigit() else None
+        if edited is not None:
+            self.status = _status_code(edited)
 
     @staticmethod
     async def _then(rest: Awaitable[None], after: Callable[[Any], None], hmap: Any) -> None:
@@ -353,6 +353,12 @@ def _finish(streams: list[Any]) -> None:
     # A plugin failing in on_done must not fail the response, nor stop the others.
     for exc in (_WASM or _wasm()).finish_streams(streams) or ():
         log.error("plugin stream finish failed", exc_info=exc)
+
+
+def _status_code(text: str) -> int | None:
+    """A `:status` a plugin set, as a number; None (the upstream's stays) for one that is
+    not ASCII digits (`str.isdigit` alone passes `²`, which `int` refuses)."""
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _stream_info(request: web.BaseRequest, span: Any, w3c: tuple[str, str] | None,

@@ -190,8 +190,8 @@ chain_request_headers(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return rc < 0 ? NULL : Py_NewRef(Py_None);
 }
 
-/* The status a settled response phase answered (`int(out)` when out is ASCII digits,
- * else None): a new reference or NULL. */
+/* filters._status_code: the status a settled response phase answered (`int(out)` when
+ * out is ASCII digits, else None): a new reference or NULL. */
 static PyObject *
 status_of(PyObject *out)
 {
