@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/plugin_chain.py [--plugins build/plugins] [-n 3000] [--rounds 7]
      [--evict MB] [--scatter MB] [--batch B] [--per-address]
+     .venv/bin/python bench/plugin_chain.py --train N
 
 One request is what `DataPath` does around the upstream exchange when a listener has
 plugins: the `PluginChain` of rate-limit + auth over an aiohttp request (start, request
@@ -26,6 +27,10 @@ request headers, then all their response headers...) with the buffers written on
 batch, as a data path would that gathered the requests one event-loop pass brings: the
 first request of a batch starts cold, the others find the plugins' code and data where
 the first left them (decision 1800).
+
+`--train N` times nothing: it runs N requests through the compiled driver, the data
+path's, one in eight without the API key (auth's 401 reply). It is the training run of
+the profile-guided build of the compiled crossings (`setup.py build_pgo`, decision 2700).
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from wasm_host import API_KEY, new_services, rate_limit_and_auth  # bench/ is on sys.path
 
 from meshgate.gateway import wasm
-from meshgate.gateway.filters import PluginChain
+from meshgate.gateway.filters import PluginChain, PluginReplied
 from meshgate.gateway.proxy import strip_hop_by_hop
 from meshgate.gateway.tracing import id_generator, light_server_span, w3c_context
 from meshgate.gateway.wasm import PluginHost
@@ -99,6 +104,24 @@ async def through(chain: PluginChain, headers: CIMultiDict[str], request: Any,
     if not isinstance(out, bytes):
         await out
 
+async def train(n: int, hosts: list[PluginHost], ids: Any, request: Any) -> None:
+    """`n` requests as the data path runs them, one in eight turned away by auth: the
+    profile the compiled crossings are laid out by."""
+    keyless = make_mocked_request("GET", "/api/items?id=7", transport=Transport(),
+                                  headers={"host": "svc", "user-agent": "wrk"})
+    for i in range(n):
+        sent = keyless if i % 8 == 7 else request
+        span = light_server_span(sent.headers, ids)
+        chain = PluginChain.start(hosts, sent, span, 1 << 20, w3c_context(span))
+        try:
+            await through(chain, strip_hop_by_hop(sent.headers), sent,
+                          strip_hop_by_hop(UPSTREAM_HEADERS))
+        except PluginReplied:
+            pass
+        chain.finish()
+    print(f"trained on {n} requests through rate-limit + auth")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--plugins", type=Path, default=REPO / "build/plugins")
@@ -115,6 +138,9 @@ async def main() -> None:
     parser.add_argument("--batch", type=int, default=1, metavar="B",
                         help="also run the compiled driver B requests at a time, phase by "
                         "phase, the buffers written once per batch")
+    parser.add_argument("--train", type=int, default=0, metavar="N",
+                        help="only run N requests through the compiled driver, untimed "
+                        "(the profile-guided build's training run)")
     args = parser.parse_args()
     specs = rate_limit_and_auth(args.plugins, args.per_address)
     if specs is None:
@@ -134,6 +160,13 @@ async def main() -> None:
         chain = PluginChain.start(hosts, request, span, 1 << 20, w3c)
         await through(chain, headers, request, strip_hop_by_hop(UPSTREAM_HEADERS))
         chain.finish()
+
+    if args.train:
+        await train(args.train, hosts, ids, request)
+        for host in hosts:
+            await host.close()
+        services.close()
+        return
 
     def at_once(settled: object) -> None:
         # A begin_* phase answers None (the body, for the body) when no plugin paused.

@@ -199,6 +199,9 @@ def main() -> None:
     print_frames(results["plugged"], "a plugged request")
     if args.floor:
         floor = statistics.median(p for _, p, _ in results["floor"])
+        floor_total = statistics.median(t for t, _, _ in results["floor"])
+        print(f"two no-op plugins, sampled CPU µs a request: {floor_total:.0f}; by "
+              f"subtraction {floor_total - bare:.1f} µs, {(floor_total - bare) / bare:.1%} of bare")
         print(f"two no-op plugins, attributed: {floor:.1f} µs a request, {floor / bare:.1%} of "
               f"a bare request (per round {[round(p, 1) for _, p, _ in results['floor']]}); "
               f"rate-limit + auth above that floor: {plugin - floor:.1f} µs")
