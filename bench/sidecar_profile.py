@@ -2,6 +2,7 @@
 by attribution, beside the share `bench/sidecar_bench.py` gets by subtraction.
 
 Run: .venv/bin/python bench/sidecar_profile.py [--seconds 5] [--rounds 2] [--pin] [--floor]
+                                              [--outside N]
 (needs wrk and py-spy: `.venv/bin/pip install -e '.[bench]'`; py-spy reads the
 sidecar's memory, so it needs ptrace rights over it, which root has).
 
@@ -24,6 +25,10 @@ it (found in `gateway/proxy.py` by its syntax tree) and counts for the method ca
 every callback still runs, as Envoy drives them, so what that listener's plugin path
 costs is the host's and the proxy-wasm SDK's part, under any pair of SDK plugins.
 
+`--outside N` prints the N lines off the plugin path (innermost frame) whose samples grew
+most from the bare listener to the plugged one (and the no-op one with `--floor`): where
+the rest of the request runs slower after the plugins ran.
+
 Subtracting the bare request's CPU from the plugged one's also counts what is not the
 plugins' code but differs between the two loads: the kernel's share of socket writes,
 epoll and the loop's passes change with the request rate. The attributed share does not
@@ -43,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sidecar_bench import (  # noqa: E402
@@ -122,10 +128,27 @@ def frames(line: str) -> tuple[list[str], int]:
             for f in stack.split(";")], int(count)
 
 
-def attribute(dump: Path) -> tuple[float, float, collections.Counter[str]]:
-    """(all samples, plugin-path samples, plugin-path samples by its outermost frame)."""
+class Round(NamedTuple):
+    """One listener's samples in one round (in samples, or µs a request once scaled)."""
+
+    total: float
+    plugin: float
+    #: The plugin path's samples by its outermost frame.
+    outer: collections.Counter[str]
+    #: The other samples by their innermost frame and line: where the rest of the request
+    #: runs slower (or faster) when plugins ran between.
+    outside: collections.Counter[str]
+
+    def scaled(self, per: float) -> Round:
+        return Round(self.total * per, self.plugin * per,
+                     collections.Counter({k: v * per for k, v in self.outer.items()}),
+                     collections.Counter({k: v * per for k, v in self.outside.items()}))
+
+
+def attribute(dump: Path) -> Round:
     total = plugin = 0
     outer: collections.Counter[str] = collections.Counter()
+    outside: collections.Counter[str] = collections.Counter()
     for line in dump.read_text().splitlines():
         names, count = frames(line)
         total += count
@@ -133,10 +156,9 @@ def attribute(dump: Path) -> tuple[float, float, collections.Counter[str]]:
         if hit is not None:
             plugin += count
             outer[hit] += count
-    return total, plugin, outer
-
-
-Round = tuple[float, float, collections.Counter[str]]
+        elif names:
+            outside[names[-1]] += count
+    return Round(total, plugin, outer, outside)
 
 
 def run(seconds: int, rounds: int, pin: bool, gc_young_threshold: int | None = None,
@@ -160,10 +182,7 @@ def run(seconds: int, rounds: int, pin: bool, gc_young_threshold: int | None = N
             for name, url in urls.items():
                 dump = tmp / f"{name}{r}.txt"
                 requests = sample(sidecar.pid, url, seconds, dump)
-                total, plugin, outer = attribute(dump)
-                per = 1e6 / RATE / requests
-                results[name].append((total * per, plugin * per,
-                                      collections.Counter({k: v * per for k, v in outer.items()})))
+                results[name].append(attribute(dump).scaled(1e6 / RATE / requests))
     shutil.rmtree(tmp, ignore_errors=True)
     return results
 
@@ -176,42 +195,70 @@ def main() -> None:
                         help="the sidecar on CPU 0, wrk and the upstream on the others")
     parser.add_argument("--floor", action="store_true",
                         help="also sample a listener whose two plugins do nothing")
+    parser.add_argument("--outside", type=int, default=0, metavar="N",
+                        help="also print the N lines off the plugin path that grew most "
+                        "from the bare request to the plugged one")
     add_threshold_option(parser)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
     results = run(args.seconds, args.rounds, args.pin, args.gc_young_threshold, args.floor)
-    bare = statistics.median(t for t, _, _ in results["bare"])
-    plugged = statistics.median(t for t, _, _ in results["plugged"])
-    plugin = statistics.median(p for _, p, _ in results["plugged"])
+    bare = statistics.median(r.total for r in results["bare"])
+    plugged = statistics.median(r.total for r in results["plugged"])
+    plugin = statistics.median(r.plugin for r in results["plugged"])
     print(f"py-spy at {RATE} Hz, wrk -t1 -c16, {args.seconds} s a sample, median of "
           f"{args.rounds} interleaved round(s)" + (", sidecar pinned to CPU 0" if args.pin else ""))
     print(f"sampled CPU µs a request: bare {bare:.0f}, rate-limit + auth {plugged:.0f}")
-    print(f"  per round: bare {[round(t) for t, _, _ in results['bare']]}, "
-          f"plugged {[round(t) for t, _, _ in results['plugged']]}")
-    per_round = [round(p, 1) for _, p, _ in results["plugged"]]
+    print(f"  per round: bare {[round(r.total) for r in results['bare']]}, "
+          f"plugged {[round(r.total) for r in results['plugged']]}")
+    per_round = [round(r.plugin, 1) for r in results["plugged"]]
     print(f"plugins, attributed: {plugin:.1f} µs a plugged request, {plugin / bare:.1%} of a "
           f"bare request (target <= 20 %; per round {per_round})")
     extra = plugged - bare
     print(f"plugins, by subtraction: {extra:.1f} µs, {extra / bare:.1%} of bare")
     print(f"stray plugin-path samples on the bare listener: "
-          f"{statistics.median(p for _, p, _ in results['bare']):.1f} µs a request")
+          f"{statistics.median(r.plugin for r in results['bare']):.1f} µs a request")
     print_frames(results["plugged"], "a plugged request")
     if args.floor:
-        floor = statistics.median(p for _, p, _ in results["floor"])
-        floor_total = statistics.median(t for t, _, _ in results["floor"])
+        floor = statistics.median(r.plugin for r in results["floor"])
+        floor_total = statistics.median(r.total for r in results["floor"])
         print(f"two no-op plugins, sampled CPU µs a request: {floor_total:.0f}; by "
               f"subtraction {floor_total - bare:.1f} µs, {(floor_total - bare) / bare:.1%} of bare")
         print(f"two no-op plugins, attributed: {floor:.1f} µs a request, {floor / bare:.1%} of "
-              f"a bare request (per round {[round(p, 1) for _, p, _ in results['floor']]}); "
+              f"a bare request (per round {[round(r.plugin, 1) for r in results['floor']]}); "
               f"rate-limit + auth above that floor: {plugin - floor:.1f} µs")
         print_frames(results["floor"], "a no-op request")
+    if args.outside:
+        print_outside(results, args.outside)
+
+
+def print_outside(results: dict[str, list[Round]], n: int) -> None:
+    """Where the samples off the plugin path grew from the bare listener to the others:
+    what the plugins cost the rest of the request (its code and data pushed out of the
+    caches while they ran, decision 2700)."""
+    def mean(listener: str) -> collections.Counter[str]:
+        summed: collections.Counter[str] = collections.Counter()
+        for r in results[listener]:
+            summed.update(r.outside)
+        return collections.Counter({k: v / len(results[listener]) for k, v in summed.items()})
+
+    bare = mean("bare")
+    others = [name for name in results if name != "bare"]
+    grown = {name: mean(name) for name in others}
+    lines = set(bare).union(*grown.values())
+    ranked = sorted(lines, key=lambda k: bare[k] - grown["plugged"][k])
+    print(f"off the plugin path, µs a request (mean of the rounds): the {n} lines that grew "
+          f"most, innermost frame")
+    print("      bare" + "".join(f"{name:>10}" for name in others))
+    for key in ranked[:n]:
+        print(f"  {bare[key]:8.2f}" + "".join(f"{grown[name][key]:10.2f}" for name in others)
+              + f"  {key}")
 
 
 def print_frames(rounds: list[Round], what: str) -> None:
     summed: collections.Counter[str] = collections.Counter()
-    for _, _, outer in rounds:
-        summed.update(outer)
+    for r in rounds:
+        summed.update(r.outer)
     print(f"plugin path by its outermost frame, µs {what} (mean of the rounds):")
     for name, us in summed.most_common(12):
         print(f"  {us / len(rounds):6.1f}  {name}")
