@@ -18,6 +18,9 @@ HERE = Path(__file__).resolve().parent
 #: Both builds compile to the same object path: GCC finds a profile by that path.
 PGO_TEMP = "build/pgo-temp"
 TRAINING_REQUESTS = "4000"
+#: setuptools' notice that `[tool.setuptools]` in pyproject.toml is beta, printed by every
+#: `setup.py` run: nothing a build of meshgate can act on.
+SETUPTOOLS_BETA_NOTICE = "ignore:Support for `[tool.setuptools]`"
 
 
 class BuildPgo(Command):
@@ -49,7 +52,8 @@ class BuildPgo(Command):
 def build_in_place(cflags: str, ldflags: str) -> None:
     env = {**os.environ,
            "CFLAGS": f"{os.environ.get('CFLAGS', '')} {cflags}".strip(),
-           "LDFLAGS": f"{os.environ.get('LDFLAGS', '')} {ldflags}".strip()}
+           "LDFLAGS": f"{os.environ.get('LDFLAGS', '')} {ldflags}".strip(),
+           "PYTHONWARNINGS": SETUPTOOLS_BETA_NOTICE}
     subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force",
                     "--build-temp", PGO_TEMP], cwd=HERE, env=env, check=True)
 
