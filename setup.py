@@ -36,26 +36,29 @@ class BuildPgo(Command):
     def run(self) -> None:
         profile = HERE / "build/pgo-profile"
         shutil.rmtree(profile, ignore_errors=True)
-        build_in_place(f"-fprofile-generate={profile} -fprofile-update=atomic",
-                       "-fprofile-generate")
+        if not build_in_place(f"-fprofile-generate={profile} -fprofile-update=atomic",
+                              "-fprofile-generate"):
+            raise SystemExit("setup.py build_pgo: the instrumented build failed")
         train = [sys.executable, str(HERE / "bench/plugin_chain.py"), "--plugins", self.plugins,
                  "--train", TRAINING_REQUESTS]
-        if subprocess.run(train, cwd=HERE).returncode != 0:
-            # The instrumented build must not stay: it is slower and writes profiles.
-            print("setup.py build_pgo: the training run failed; building without a profile",
-                  file=sys.stderr)
-            build_in_place("", "")
+        if subprocess.run(train, cwd=HERE).returncode == 0 and build_in_place(
+                f"-fprofile-use={profile} -fprofile-correction", ""):
             return
-        build_in_place(f"-fprofile-use={profile} -fprofile-correction", "")
+        # The instrumented build must not stay: it is slower and writes profiles.
+        print("setup.py build_pgo: the training run or the profiled build failed; building "
+              "without a profile", file=sys.stderr)
+        if not build_in_place("", ""):
+            raise SystemExit("setup.py build_pgo: the plain build failed")
 
 
-def build_in_place(cflags: str, ldflags: str) -> None:
+def build_in_place(cflags: str, ldflags: str) -> bool:
     env = {**os.environ,
            "CFLAGS": f"{os.environ.get('CFLAGS', '')} {cflags}".strip(),
            "LDFLAGS": f"{os.environ.get('LDFLAGS', '')} {ldflags}".strip(),
            "PYTHONWARNINGS": SETUPTOOLS_BETA_NOTICE}
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force",
-                    "--build-temp", PGO_TEMP], cwd=HERE, env=env, check=True)
+    build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force",
+             "--build-temp", PGO_TEMP]
+    return subprocess.run(build, cwd=HERE, env=env).returncode == 0
 
 
 setup(

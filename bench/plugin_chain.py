@@ -104,6 +104,7 @@ async def through(chain: PluginChain, headers: CIMultiDict[str], request: Any,
     if not isinstance(out, bytes):
         await out
 
+
 async def train(n: int, hosts: list[PluginHost], ids: Any, request: Any) -> None:
     """`n` requests as the data path runs them, one in eight turned away by auth: the
     profile the compiled crossings are laid out by."""
