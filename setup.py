@@ -36,17 +36,16 @@ class BuildPgo(Command):
     def run(self) -> None:
         profile = HERE / "build/pgo-profile"
         shutil.rmtree(profile, ignore_errors=True)
-        if not build_in_place(f"-fprofile-generate={profile} -fprofile-update=atomic",
-                              "-fprofile-generate"):
-            raise SystemExit("setup.py build_pgo: the instrumented build failed")
         train = [sys.executable, str(HERE / "bench/plugin_chain.py"), "--plugins", self.plugins,
                  "--train", TRAINING_REQUESTS]
-        if subprocess.run(train, cwd=HERE).returncode == 0 and build_in_place(
-                f"-fprofile-use={profile} -fprofile-correction", ""):
+        if (build_in_place(f"-fprofile-generate={profile} -fprofile-update=atomic",
+                           "-fprofile-generate")
+                and subprocess.run(train, cwd=HERE).returncode == 0
+                and build_in_place(f"-fprofile-use={profile} -fprofile-correction", "")):
             return
-        # The instrumented build must not stay: it is slower and writes profiles.
-        print("setup.py build_pgo: the training run or the profiled build failed; building "
-              "without a profile", file=sys.stderr)
+        # An instrumented build must not stay: it is slower and writes profiles.
+        print("setup.py build_pgo: a step failed (instrumented build, training run or "
+              "profiled build); building without a profile", file=sys.stderr)
         if not build_in_place("", ""):
             raise SystemExit("setup.py build_pgo: the plain build failed")
 
