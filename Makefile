@@ -39,7 +39,7 @@ pgo: $(VENV)/.pgo
 # skips it until the C sources, the plugins or the training change.
 $(VENV)/.pgo: $(VENV)/.installed setup.py bench/plugin_chain.py $(PLUGIN_OUT)/rate_limit.wasm $(PLUGIN_OUT)/auth.wasm
 	@echo "==> The C crossings, profile-guided: instrumented build, training run, final build"
-	PYTHONWARNINGS='ignore:Support for `[tool.setuptools]`' $(VENV)/bin/python setup.py -q build_pgo --plugins $(PLUGIN_OUT)
+	$(VENV)/bin/python setup.py -q build_pgo --plugins $(PLUGIN_OUT)
 	@touch $@
 
 opa: $(TOOLS)/opa

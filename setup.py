@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from setuptools import Command, Extension, setup
@@ -18,9 +19,9 @@ HERE = Path(__file__).resolve().parent
 #: Both builds compile to the same object path: GCC finds a profile by that path.
 PGO_TEMP = "build/pgo-temp"
 TRAINING_REQUESTS = "4000"
-#: setuptools' notice that `[tool.setuptools]` in pyproject.toml is beta, printed by every
-#: `setup.py` run: nothing a build of meshgate can act on.
-SETUPTOOLS_BETA_NOTICE = "ignore:Support for `[tool.setuptools]`"
+# setuptools' notice that `[tool.setuptools]` in pyproject.toml is beta, printed by every
+# run of this file (build_pgo runs it three times): nothing a build of meshgate acts on.
+warnings.filterwarnings("ignore", message=r"Support for `\[tool\.setuptools\]`")
 
 
 class BuildPgo(Command):
@@ -53,8 +54,7 @@ class BuildPgo(Command):
 def build_in_place(cflags: str, ldflags: str) -> bool:
     env = {**os.environ,
            "CFLAGS": f"{os.environ.get('CFLAGS', '')} {cflags}".strip(),
-           "LDFLAGS": f"{os.environ.get('LDFLAGS', '')} {ldflags}".strip(),
-           "PYTHONWARNINGS": SETUPTOOLS_BETA_NOTICE}
+           "LDFLAGS": f"{os.environ.get('LDFLAGS', '')} {ldflags}".strip()}
     build = [sys.executable, "setup.py", "-q", "build_ext", "--inplace", "--force",
              "--build-temp", PGO_TEMP]
     return subprocess.run(build, cwd=HERE, env=env).returncode == 0

@@ -105,21 +105,26 @@ async def through(chain: PluginChain, headers: CIMultiDict[str], request: Any,
         await out
 
 
+async def plugged_request(hosts: list[PluginHost], ids: Any, request: Any) -> None:
+    """One request through the chain, as the data path runs it (a plugin's local reply
+    ends its phases, as there)."""
+    span = light_server_span(request.headers, ids)
+    chain = PluginChain.start(hosts, request, span, 1 << 20, w3c_context(span))
+    try:
+        await through(chain, strip_hop_by_hop(request.headers), request,
+                      strip_hop_by_hop(UPSTREAM_HEADERS))
+    except PluginReplied:
+        pass
+    chain.finish()
+
+
 async def train(n: int, hosts: list[PluginHost], ids: Any, request: Any) -> None:
-    """`n` requests as the data path runs them, one in eight turned away by auth: the
-    profile the compiled crossings are laid out by."""
+    """`n` requests, one in eight turned away by auth: the profile the compiled crossings
+    are laid out by."""
     keyless = make_mocked_request("GET", "/api/items?id=7", transport=Transport(),
                                   headers={"host": "svc", "user-agent": "wrk"})
     for i in range(n):
-        sent = keyless if i % 8 == 7 else request
-        span = light_server_span(sent.headers, ids)
-        chain = PluginChain.start(hosts, sent, span, 1 << 20, w3c_context(span))
-        try:
-            await through(chain, strip_hop_by_hop(sent.headers), sent,
-                          strip_hop_by_hop(UPSTREAM_HEADERS))
-        except PluginReplied:
-            pass
-        chain.finish()
+        await plugged_request(hosts, ids, keyless if i % 8 == 7 else request)
     print(f"trained on {n} requests through rate-limit + auth")
 
 
@@ -151,23 +156,19 @@ async def main() -> None:
     ids = id_generator(TracerProvider())
     request = make_mocked_request("GET", "/api/items?id=7", transport=Transport(), headers={
         "host": "svc", "user-agent": "wrk", "x-api-key": API_KEY})
-
-    async def without_plugins() -> tuple[Any, Any, CIMultiDict[str]]:
-        span = light_server_span(request.headers, ids)
-        return span, w3c_context(span), strip_hop_by_hop(request.headers)
-
-    async def with_plugins() -> None:
-        span, w3c, headers = await without_plugins()
-        chain = PluginChain.start(hosts, request, span, 1 << 20, w3c)
-        await through(chain, headers, request, strip_hop_by_hop(UPSTREAM_HEADERS))
-        chain.finish()
-
     if args.train:
         await train(args.train, hosts, ids, request)
         for host in hosts:
             await host.close()
         services.close()
         return
+
+    async def without_plugins() -> tuple[Any, Any, CIMultiDict[str]]:
+        span = light_server_span(request.headers, ids)
+        return span, w3c_context(span), strip_hop_by_hop(request.headers)
+
+    async def with_plugins() -> None:
+        await plugged_request(hosts, ids, request)
 
     def at_once(settled: object) -> None:
         # A begin_* phase answers None (the body, for the body) when no plugin paused.
