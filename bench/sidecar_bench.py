@@ -20,6 +20,13 @@ decision 2200's runs), so a comparison is run twice with the sides swapped.
 `--compare-plugins DIR` adds, on the same sidecar, a listener whose rate-limit and auth
 come from DIR's `rate_limit.wasm` and `auth.wasm` (another build of the plugins), loaded
 in the same rounds; it prints that listener's req/s over the plugged one's.
+
+`--listener PLUGINS` (repeatable) adds, on the same sidecar, a listener running PLUGINS, a
+comma-separated list of `rate-limit`, `auth` and `noop` (a plugin that does nothing), each
+an instance of its own, configured as the plugged listener's. It prints each one's CPU a
+request over the bare listener's, as for the plugged one: `noop` against `noop,noop`
+shows what any plugin costs a request before its own work, and
+`rate-limit,auth,rate-limit,auth` what a second pair adds to the first.
 """
 
 from __future__ import annotations
@@ -71,8 +78,12 @@ def plugin(name: str) -> Path:
     raise SystemExit(f"plugin {name} not built: run `make setup` first")
 
 
+EXTRA_KINDS = ("rate-limit", "auth", "noop")
+
+
 def mesh_config(ports: dict[str, int], floor: bool = False,
-                compare_plugins: Path | None = None) -> dict[str, object]:
+                compare_plugins: Path | None = None,
+                extra: tuple[tuple[str, ...], ...] = ()) -> dict[str, object]:
     """The benches' mesh. `floor` adds, on the sidecar only, a listener whose two plugins
     do nothing: the floor under any pair of SDK plugins (`bench/sidecar_profile.py
     --floor`). `compare_plugins` adds one whose rate-limit and auth are that directory's
@@ -125,7 +136,30 @@ def mesh_config(ports: dict[str, int], floor: bool = False,
                                "wasm": str(compare_plugins / Path(spec["wasm"]).name)}
                               for spec in config["plugins"][:2]]
         config["nodes"][0]["listeners"].append("plugged-b")
+    base = {spec["name"]: spec for spec in config["plugins"][:2]}
+    base["noop"] = {"name": "noop", "wasm": str(plugin("noop.wasm"))}
+    for i, kinds in enumerate(extra):
+        names = [f"{kind}-x{i}-{j}" for j, kind in enumerate(kinds)]
+        config["plugins"] += [{**base[kind], "name": name}
+                              for kind, name in zip(kinds, names, strict=True)]
+        config["listeners"].append({"name": f"extra-{i}", "port": ports[f"extra_{i}"],
+                                    "routes": route, "plugins": names})
+        config["nodes"][0]["listeners"].append(f"extra-{i}")
     return config
+
+
+def extra_target(kinds: tuple[str, ...]) -> str:
+    return f"sidecar, extra ({' + '.join(kinds)})"
+
+
+def listener_plugins(text: str) -> tuple[str, ...]:
+    """`--listener`'s argument: plugin kinds, comma-separated."""
+    kinds = tuple(k.strip() for k in text.split(","))
+    unknown = [k for k in kinds if k not in EXTRA_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: plugins are a comma-separated list of {', '.join(EXTRA_KINDS)}")
+    return kinds
 
 
 @contextlib.contextmanager
@@ -223,20 +257,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_mesh(stack: contextlib.ExitStack, tmp: Path, floor: bool = False,
-               compare_plugins: Path | None = None) -> dict[str, int]:
+               compare_plugins: Path | None = None,
+               extra: tuple[tuple[str, ...], ...] = ()) -> dict[str, int]:
     """A free port for every part, `tmp`/meshgate.yaml (`mesh_config`), and the upstream
     and the control server started (stopped with `stack`). The sidecars and Envoy are the
     caller's."""
     import yaml
 
     names = ("upstream", "bare", "plugged", "floor", "envoy", "xds", "http", "admin", "envoy_admin",
-             "cmp_bare", "cmp_plugged", "cmp_admin", "plugged_b")  # fmt: skip
+             "cmp_bare", "cmp_plugged", "cmp_admin", "plugged_b",
+             *(f"extra_{i}" for i in range(len(extra))))  # fmt: skip
     found: set[int] = set()
     while len(found) < len(names):  # a probed port is free again: one may come back
         found.add(free_port())
     ports = dict(zip(names, found, strict=True))
     (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports, floor,
-                                                                  compare_plugins)))
+                                                                  compare_plugins, extra)))
     stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
     stack.enter_context(process(
         [PY, "-m", "meshgate.cli", "serve", "--config", str(tmp / "meshgate.yaml"),
@@ -257,6 +293,7 @@ def run(
     gc_young_threshold: int | None = None,
     compare_gc_young_threshold: int | None = None,
     compare_plugins: Path | None = None,
+    extra: tuple[tuple[str, ...], ...] = (),
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]],
            tuple[float, float]]:
     """The medians over the rounds per target, each round's figures, and this tree's
@@ -270,7 +307,7 @@ def run(
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-bench-"))
     proxy_cpu = pinned_proxies(pin)
     with contextlib.ExitStack() as stack:
-        ports = start_mesh(stack, tmp, compare_plugins=compare_plugins)
+        ports = start_mesh(stack, tmp, compare_plugins=compare_plugins, extra=extra)
         bootstrap = envoy_bootstrap(
             node_id="envoy-bench",
             node_cluster="envoy",
@@ -306,6 +343,8 @@ def run(
             del targets["envoy 1 worker (rate-limit + auth)"]
         if compare_plugins is not None:
             targets[PLUGINS_B] = f"http://127.0.0.1:{ports['plugged_b']}/"
+        for i, kinds in enumerate(extra):
+            targets[extra_target(kinds)] = f"http://127.0.0.1:{ports[f'extra_{i}']}/"
         if compare is not None:
             targets["compare: sidecar (bare)"] = f"http://127.0.0.1:{ports['cmp_bare']}/"
             targets["compare: sidecar (rate-limit + auth)"] = (
@@ -381,6 +420,13 @@ def gc_per_request(before: tuple[float, float] | None, admin_port: int,
 PLUGINS_B = "sidecar (--compare-plugins build)"
 
 
+def over_bare(results: dict[str, dict[str, float]], name: str) -> str:
+    """A listener's CPU a request over the bare listener's, in µs and as a share of bare."""
+    bare = results["sidecar (bare)"]["cpu_us"]
+    extra = results[name]["cpu_us"] - bare
+    return f"{extra:.1f} CPU µs a request, {extra / bare:.1%} of bare"
+
+
 def paired(runs: dict[str, list[dict[str, float]]], num: str, den: str) -> str:
     """The req/s ratio of two targets within each round (measured a few seconds apart,
     so less exposed to the machine's drift than a ratio of medians): median and range."""
@@ -409,11 +455,15 @@ def main() -> None:
     parser.add_argument("--compare-plugins", type=Path, metavar="DIR",
                         help="also a listener of this sidecar whose rate_limit.wasm and "
                         "auth.wasm come from DIR, in the same rounds")
+    parser.add_argument("--listener", type=listener_plugins, action="append", default=[],
+                        metavar="PLUGINS", help="also a listener of this sidecar running "
+                        f"these plugins (comma-separated: {', '.join(EXTRA_KINDS)}); "
+                        "repeatable")
     args = parser.parse_args()
     results, runs, batches = run(args.seconds, args.connections, args.profile, not args.no_envoy,
                         args.rounds, not args.no_uvloop, args.compare, args.pin,
                         args.gc_young_threshold, args.compare_gc_young_threshold,
-                        args.compare_plugins)  # fmt: skip
+                        args.compare_plugins, tuple(args.listener))  # fmt: skip
     loop = "asyncio" if args.no_uvloop else "uvloop if installed"
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, same upstream, one run, "
           f"median of {args.rounds} interleaved round(s), sidecar loop: {loop}"
@@ -429,6 +479,9 @@ def main() -> None:
     plugged_name = "sidecar (rate-limit + auth)"
     print(f"sidecar with plugins / bare sidecar: {plugged / bare:.2f} (target >= 0.80; "
           f"{paired(runs, plugged_name, 'sidecar (bare)')})")
+    print(f"plugins by subtraction: {over_bare(results, plugged_name)} (target <= 20 %)")
+    for kinds in args.listener:
+        print(f"{' + '.join(kinds)} by subtraction: {over_bare(results, extra_target(kinds))}")
     if envoy:
         print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40; "
               f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")
