@@ -148,8 +148,8 @@ def mesh_config(ports: dict[str, int], floor: bool = False,
     return config
 
 
-def extra_target(kinds: tuple[str, ...]) -> str:
-    return f"sidecar, extra ({' + '.join(kinds)})"
+def extra_target(index: int, kinds: tuple[str, ...]) -> str:
+    return f"sidecar, extra-{index} ({' + '.join(kinds)})"
 
 
 def listener_plugins(text: str) -> tuple[str, ...]:
@@ -344,7 +344,7 @@ def run(
         if compare_plugins is not None:
             targets[PLUGINS_B] = f"http://127.0.0.1:{ports['plugged_b']}/"
         for i, kinds in enumerate(extra):
-            targets[extra_target(kinds)] = f"http://127.0.0.1:{ports[f'extra_{i}']}/"
+            targets[extra_target(i, kinds)] = f"http://127.0.0.1:{ports[f'extra_{i}']}/"
         if compare is not None:
             targets["compare: sidecar (bare)"] = f"http://127.0.0.1:{ports['cmp_bare']}/"
             targets["compare: sidecar (rate-limit + auth)"] = (
@@ -480,8 +480,9 @@ def main() -> None:
     print(f"sidecar with plugins / bare sidecar: {plugged / bare:.2f} (target >= 0.80; "
           f"{paired(runs, plugged_name, 'sidecar (bare)')})")
     print(f"plugins by subtraction: {over_bare(results, plugged_name)} (target <= 20 %)")
-    for kinds in args.listener:
-        print(f"{' + '.join(kinds)} by subtraction: {over_bare(results, extra_target(kinds))}")
+    for i, kinds in enumerate(args.listener):
+        name = extra_target(i, kinds)
+        print(f"{name[len('sidecar, '):]} by subtraction: {over_bare(results, name)}")
     if envoy:
         print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40; "
               f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")
