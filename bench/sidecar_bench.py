@@ -137,7 +137,8 @@ def mesh_config(ports: dict[str, int], floor: bool = False,
                               for spec in config["plugins"][:2]]
         config["nodes"][0]["listeners"].append("plugged-b")
     base = {spec["name"]: spec for spec in config["plugins"][:2]}
-    base["noop"] = {"name": "noop", "wasm": str(plugin("noop.wasm"))}
+    if extra:
+        base["noop"] = {"name": "noop", "wasm": str(plugin("noop.wasm"))}
     for i, kinds in enumerate(extra):
         names = [f"{kind}-x{i}-{j}" for j, kind in enumerate(kinds)]
         config["plugins"] += [{**base[kind], "name": name}
@@ -156,7 +157,7 @@ def listener_plugins(text: str) -> tuple[str, ...]:
     """`--listener`'s argument: plugin kinds, comma-separated."""
     kinds = tuple(k.strip() for k in text.split(","))
     unknown = [k for k in kinds if k not in EXTRA_KINDS]
-    if unknown or not kinds:
+    if unknown:
         raise argparse.ArgumentTypeError(
             f"{text!r}: plugins are a comma-separated list of {', '.join(EXTRA_KINDS)}")
     return kinds
