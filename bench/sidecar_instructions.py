@@ -15,8 +15,9 @@ threads, the event loop, the kernel's share excepted), so work that runs by the 
 (the epoch clock's ticks, timers) weighs more than under real load: valgrind runs the
 sidecar tens of times slower.
 
-`--cache-sim` also simulates this machine's per-core caches (32 KiB L1i and L1d, 512 KiB
-L2, 8-way, 64-byte lines; callgrind's last level stands for the L2) and prints, per
+`--cache-sim` also simulates this machine's per-core caches, as Linux reports CPU 0's in
+`/sys/devices/system/cpu/cpu0/cache` (callgrind's last level stands for the L2; where
+that is unreadable, 32 KiB L1i and L1d and a 512 KiB L2, 8-way), and prints, per
 request, the misses of each level for instructions and data, and which libraries the
 plugged request's extra L2 misses fall in. With 16 connections the requests interleave
 as under load, so a plugged request finds its code and data evicted by the others'
@@ -53,8 +54,29 @@ from sidecar_bench import (
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("bare", "plugged")
-#: This machine's caches per core (`lscpu`): L1i, L1d and L2 (callgrind's "LL").
-CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64")
+#: Caches per core where the machine's cannot be read: L1i, L1d and L2 (callgrind's "LL").
+FALLBACK_CACHES = ("--I1=32768,8,64", "--D1=32768,8,64", "--LL=524288,8,64")
+SYS_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def machine_caches() -> tuple[str, ...]:
+    """callgrind's options for CPU 0's L1i, L1d and L2 as Linux describes them."""
+    found: dict[str, str] = {}
+    for index in sorted(SYS_CACHES.glob("index*")):
+        try:
+            level, kind, size, ways, line = (
+                (index / name).read_text().strip()
+                for name in ("level", "type", "size", "ways_of_associativity",
+                             "coherency_line_size"))  # fmt: skip
+        except OSError:
+            continue
+        option = {("1", "Instruction"): "I1", ("1", "Data"): "D1",
+                  ("2", "Unified"): "LL"}.get((level, kind))
+        if option and size.endswith("K"):
+            found[option] = f"--{option}={int(size[:-1]) * 1024},{ways},{line}"
+    if len(found) != 3:
+        return FALLBACK_CACHES
+    return tuple(found[o] for o in ("I1", "D1", "LL"))
 #: The cache-miss events of callgrind this bench prints, and its names for them.
 MISSES = {"I1mr": "L1i", "ILmr": "L2 instr", "D1mr": "L1d read", "D1mw": "L1d write",
           "DLmr": "L2 data read", "DLmw": "L2 data write"}
@@ -161,7 +183,10 @@ def main() -> None:
     print(f"callgrind dumps (kept, for callgrind_annotate): {tmp}", flush=True)
     figures: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
     objects: dict[str, list[dict[str, dict[str, float]]]] = {t: [] for t in TARGETS}
-    cache = ["--cache-sim=yes", *CACHES] if args.cache_sim else []
+    caches = machine_caches()
+    cache = ["--cache-sim=yes", *caches] if args.cache_sim else []
+    if args.cache_sim:
+        print(f"simulated caches: {' '.join(caches)}", flush=True)
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(

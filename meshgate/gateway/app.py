@@ -12,8 +12,10 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -52,6 +54,14 @@ class SidecarOptions:
     # Python's young-generation gc threshold while the sidecar runs (0: the interpreter's;
     # decision 2200).
     gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD
+    # Compiled plugin modules, kept across restarts (None: in memory only).
+    module_cache_dir: Path | None = None
+
+
+def default_module_cache() -> Path:
+    """Where a sidecar keeps compiled plugin modules unless told otherwise."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "meshgate" / "wasm-modules"
 
 
 @dataclass
@@ -246,6 +256,7 @@ async def run_sidecar(
     delta: bool = True,
     drain_timeout_s: float = 10.0,
     gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD,
+    module_cache_dir: Path | None = None,
 ) -> None:
     """Run a sidecar until SIGTERM or SIGINT, then drain and return."""
     sidecar = Sidecar(
@@ -258,6 +269,7 @@ async def run_sidecar(
             admin_port=admin_port,
             drain_timeout_s=drain_timeout_s,
             gc_young_threshold=gc_young_threshold,
+            module_cache_dir=module_cache_dir,
         )
     )
     stop = asyncio.Event()
@@ -307,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc-young-threshold", type=_count, default=DEFAULT_YOUNG_THRESHOLD,
                         help="Python's young-generation gc threshold (default "
                         f"{DEFAULT_YOUNG_THRESHOLD}; 0: the interpreter's, 700)")
+    parser.add_argument("--module-cache", default=str(default_module_cache()), metavar="DIR",
+                        help="compiled plugin modules, kept across restarts so a plugin "
+                        "starts without compiling (default: %(default)s; empty: in memory "
+                        "only). Native code this process runs: keep it private to the "
+                        "sidecar's user")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -323,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             delta=not args.sotw,
             drain_timeout_s=args.drain_timeout,
             gc_young_threshold=args.gc_young_threshold,
+            module_cache_dir=Path(args.module_cache) if args.module_cache else None,
         )
     )
     return 0

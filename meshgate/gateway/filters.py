@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -441,6 +442,7 @@ class PluginLoader:
                 node_id=self._options.node_id,
                 node_cluster=self._options.node_cluster,
                 metrics_registry=self._registry,
+                module_cache_dir=self._options.module_cache_dir,
             )
             # Plugins' wasi:tracing spans become children of the request's span, exported
             # with the sidecar's own (docs/internals.md); Envoy answers these NotFound.
@@ -476,12 +478,17 @@ class PluginLoader:
             vm_configuration=plugin.vm_configuration,
             fail_open=plugin.fail_open,
         )
+        started = time.perf_counter()
         try:
-            return await wasm.PluginHost.create(spec, self.services())
+            host = await wasm.PluginHost.create(spec, self.services())
         except wasm.PluginLoadError as exc:
             raise UnsupportedConfig(
                 f"plugin '{plugin.name}' (sha256 {plugin.sha256[:12]}...): {exc}"
             ) from exc
+        log.info("plugin '%s' (sha256 %s...) started in %.1f ms, its module %s",
+                 plugin.name, plugin.sha256[:12], (time.perf_counter() - started) * 1000,
+                 "from the module cache" if host.module_from_cache else "compiled")
+        return host
 
     def loaded(self, view: Any) -> dict[str, Any]:
         from meshgate.gateway.resources import ECDS_TYPE

@@ -111,7 +111,8 @@ async def start_stack(tmp_path: Path, config: dict[str, Any]) -> Stack:
 @asynccontextmanager
 async def running_sidecar(
     stack: Stack, *, delta: bool = True, node_id: str = "sidecar-0",
-    gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD, **settings: Any
+    gc_young_threshold: int = DEFAULT_YOUNG_THRESHOLD, module_cache_dir: Path | None = None,
+    **settings: Any
 ) -> AsyncIterator[Sidecar]:
     options = SidecarOptions(
         xds_target=f"127.0.0.1:{stack.xds_port}",
@@ -122,6 +123,7 @@ async def running_sidecar(
         drain_timeout_s=5.0,
         data_path=DataPathSettings(**settings),
         gc_young_threshold=gc_young_threshold,
+        module_cache_dir=module_cache_dir,
     )
     sidecar = Sidecar(options)
     await sidecar.start()

@@ -52,6 +52,34 @@ async def test_rate_limit_plugin_answers_429_after_its_tokens(tmp_path: Path) ->
 
 
 @needs_plugins
+async def test_a_restarted_sidecar_starts_its_plugins_from_the_module_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "wasm-modules"
+    caplog.set_level(logging.INFO, logger="meshgate.sidecar.plugins")
+    async with upstreams("a") as ports:
+        port = free_port()
+        stack = await start_stack(tmp_path, limited(port, ports["a"], 100))
+        try:
+            starts = []
+            for _ in range(2):
+                caplog.clear()
+                async with running_sidecar(stack, module_cache_dir=cache), \
+                        aiohttp.ClientSession() as client:
+                    async with client.get(f"http://127.0.0.1:{port}/x") as resp:
+                        assert resp.status == 200
+                        assert "ratelimit-remaining" in resp.headers
+                starts += [r.getMessage() for r in caplog.records if "started in" in r.getMessage()]
+            assert len(starts) == 2
+            assert starts[0].endswith("its module compiled")
+            assert starts[1].endswith("its module from the module cache")
+            assert [p.suffix for p in cache.iterdir()] == [".cwasm"]
+            assert cache.stat().st_mode & 0o777 == 0o700
+        finally:
+            stack.__exit__(None, None, None)
+
+
+@needs_plugins
 async def test_the_sidecars_own_replies_pass_through_the_plugins(tmp_path: Path) -> None:
     # As Envoy's local replies do: the rate limiter's headers reach a 503 made by the
     # sidecar when the upstream is down.

@@ -211,7 +211,8 @@ class Stack:
         log_path = self.dir / f"sidecar-{node_id}.log"
         argv = [sys.executable, "-m", "meshgate.cli", "sidecar", "--xds",
                 f"127.0.0.1:{self.xds_port}", "--node-id", node_id, "--node-cluster",
-                SIDECAR_CLUSTER, "--admin-port", str(admin_port)]
+                SIDECAR_CLUSTER, "--admin-port", str(admin_port),
+                "--module-cache", str(self.dir / "wasm-modules")]
         with log_path.open("ab") as log:
             process = subprocess.Popen(argv + ([] if delta else ["--sotw"]), cwd=REPO,
                                        stdout=log, stderr=log, stdin=subprocess.DEVNULL)

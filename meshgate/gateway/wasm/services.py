@@ -151,14 +151,33 @@ def make_engine() -> wasmtime.Engine:
     return wasmtime.Engine(config)
 
 
-ENGINE_FINGERPRINT = hashlib.sha256(
-    f"wasmtime={wasmtime.__dict__.get('__version__', '50.0.1')};epoch=1;may_move=0;"
-    f"{platform.machine()};{platform.system()}".encode()
-).hexdigest()[:16]
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's feature flags as Linux lists them ("" where it does not). wasmtime
+    compiles for the features it finds and refuses a module compiled for others, so
+    sidecars on different CPUs sharing one cache directory must not share its files."""
+    try:
+        with cpuinfo.open() as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):  # x86, arm64
+                    return " ".join(sorted(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return ""
+
+
+def engine_fingerprint(features: str) -> str:
+    return hashlib.sha256(
+        f"wasmtime={wasmtime.__dict__.get('__version__', '50.0.1')};epoch=1;may_move=0;"
+        f"{platform.machine()};{platform.system()};cpu={features}".encode()
+    ).hexdigest()[:16]
+
+
+ENGINE_FINGERPRINT = engine_fingerprint(cpu_features())
 
 
 class ModuleCache:
-    """Serialised compiled modules on disk, keyed by the binary's sha256 and the engine.
+    """Serialised compiled modules on disk, keyed by the binary's sha256 and the engine
+    (wasmtime's version and settings, the platform and the CPU's features).
 
     A file that fails to deserialise (other wasmtime build, truncated write) is treated as
     a miss and overwritten.
@@ -207,7 +226,7 @@ class ModuleCache:
         if path is not None and path.exists():
             try:
                 module = wasmtime.Module.deserialize_file(engine, str(path))
-            except wasmtime.WasmtimeError as exc:
+            except (wasmtime.WasmtimeError, OSError) as exc:
                 log.warning("module cache entry %s unusable, recompiling: %s", path, exc)
                 return None
             self._remember(engine, sha256, module)
@@ -219,13 +238,27 @@ class ModuleCache:
         path = self._path(sha256)
         module = wasmtime.Module(engine, wasm)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            self._store(path, module)
+        self._remember(engine, sha256, module)
+        return module
+
+    @staticmethod
+    def _store(path: Path, module: wasmtime.Module) -> None:
+        """Write `module` to `path` atomically. The files are native code that this
+        process will run, so the directory is made private to its user. A directory that
+        cannot be written costs the next start a compile, not this plugin its load."""
+        tmp = None
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(module.serialize())
             os.replace(tmp, path)
-        self._remember(engine, sha256, module)
-        return module
+        except OSError as exc:
+            log.warning("module cache %s not writable, the module stays in memory only: %s",
+                        path.parent, exc)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass(slots=True)

@@ -12,12 +12,14 @@ from meshgate.gateway.wasm import (
     CONTINUE,
     STOP_AND_BUFFER,
     HeaderMap,
+    HostServices,
     LocalReply,
     PluginHost,
     PluginLoadError,
     PluginSpec,
 )
 from meshgate.gateway.wasm.abi import serialize_pairs
+from meshgate.gateway.wasm.services import ENGINE_FINGERPRINT, cpu_features, engine_fingerprint
 
 from .wat import plugin
 
@@ -369,3 +371,39 @@ async def test_second_load_comes_from_the_module_cache(load):
     second = await load(plugin(), name="b")
     assert (first.module_from_cache, second.module_from_cache) == (False, True)
     assert await second.new_stream().request_headers(req(), True) == CONTINUE
+
+
+async def test_cached_modules_are_filed_under_this_cpus_features(load, tmp_path):
+    # Sidecars on other CPUs sharing the directory write files of their own: wasmtime
+    # would refuse a module compiled for features this CPU lacks.
+    await load(plugin(), name="a")
+    names = [entry.name for entry in (tmp_path / "modules").iterdir()]
+    assert names and all(n.endswith(f"-{ENGINE_FINGERPRINT}.cwasm") for n in names)
+    assert engine_fingerprint(cpu_features()) == ENGINE_FINGERPRINT
+    assert engine_fingerprint("avx2 sse4_2") != engine_fingerprint("avx2 avx512f sse4_2")
+
+
+async def test_an_unwritable_module_cache_costs_a_compile_not_the_plugin(tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("a file where the cache directory should be")
+    services = HostServices(module_cache_dir=blocked, callback_deadline_s=0.2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="meshgate.gateway.wasm"):
+            host = await PluginHost.create(PluginSpec("a", bytes(wasmtime.wat2wasm(plugin()))),
+                                           services)
+        assert await host.new_stream().request_headers(req(), True) == CONTINUE
+        assert any("module cache" in m and "not writable" in m for m in caplog.messages)
+        assert blocked.read_text().startswith("a file")
+        await host.close()
+    finally:
+        services.close()
+
+
+def test_cpu_features_read_from_proc_cpuinfo(tmp_path):
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: sse2 avx2 fpu\n\nprocessor\t: 1\nflags\t: other\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd aes\n")
+    assert cpu_features(x86) == "avx2 fpu sse2"  # the first CPU's, sorted
+    assert cpu_features(arm) == "aes asimd fp"
+    assert cpu_features(tmp_path / "missing") == ""
