@@ -101,18 +101,18 @@ def instructions(tree: Path, variant: str, n: int, plugins: Path, cache: Path) -
 
 
 def per_request(tree: Path, variant: str, n: int, plugins: Path, cache: Path) -> float:
-    # Compiled first, under valgrind as well: both counted runs then load the modules from
-    # the cache, and the compile is in neither. A module compiled outside it would not do:
-    # valgrind hides CPU features (AVX-512) from wasmtime, which then rejects the cached
-    # code and compiles again in every run, on threads whose spinning counts differently
-    # each time.
-    under_callgrind(__file__, ["--child", variant, "-n", "0", "--plugins", str(plugins),
-                               "--cache", str(cache)], tree)
     return (instructions(tree, variant, n, plugins, cache)
             - instructions(tree, variant, 0, plugins, cache)) / n
 
 
 def measure(tree: Path, n: int, plugins: Path, cache: Path) -> tuple[float, float]:
+    # Compiled first, once per tree (its engine may name the cache files its own way) and
+    # under valgrind as well: every counted run then loads the modules from the cache, and
+    # the compile is in none. A module compiled outside valgrind would not do: valgrind
+    # hides CPU features (AVX-512) from wasmtime, which then rejects the cached code and
+    # compiles again in every run, on threads whose spinning counts differently each time.
+    under_callgrind(__file__, ["--child", "with", "-n", "0", "--plugins", str(plugins),
+                               "--cache", str(cache)], tree)
     with_plugins = per_request(tree, "with", n, plugins, cache)
     without = per_request(tree, "without", n, plugins, cache)
     print(f"{tree}: {with_plugins:,.0f} instructions per request with the plugins, "

@@ -129,7 +129,7 @@ def per_request(plugins: Path, n: int) -> collections.Counter[str]:
     """The guests' instructions a request by function, for the plugins in `plugins`."""
     with tempfile.TemporaryDirectory(prefix="meshgate-guest-") as tmp:
         work = Path(tmp)
-        # Compiled under valgrind first (see chain_instructions.per_request): both counted
+        # Compiled under valgrind first (see chain_instructions.measure): both counted
         # runs load the modules from the cache.
         for path in counted(0, plugins, work / "cache", work / "cg.compile"):
             path.unlink(missing_ok=True)

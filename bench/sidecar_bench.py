@@ -81,13 +81,11 @@ def plugin(name: str) -> Path:
 EXTRA_KINDS = ("rate-limit", "auth", "noop")
 
 
-def mesh_config(ports: dict[str, int], floor: bool = False,
-                compare_plugins: Path | None = None,
+def mesh_config(ports: dict[str, int], compare_plugins: Path | None = None,
                 extra: tuple[tuple[str, ...], ...] = ()) -> dict[str, object]:
-    """The benches' mesh. `floor` adds, on the sidecar only, a listener whose two plugins
-    do nothing: the floor under any pair of SDK plugins (`bench/sidecar_profile.py
-    --floor`). `compare_plugins` adds one whose rate-limit and auth are that directory's
-    build."""
+    """The benches' mesh. `compare_plugins` adds, on the sidecar only, a listener whose
+    rate-limit and auth are that directory's build; each of `extra` (`--listener`) one
+    `extra-I` running those plugin kinds, at port `extra_I`."""
     key_sha = hashlib.sha256(API_KEY.encode()).hexdigest()
     route = [{"name": "all", "prefix": "/", "cluster": "upstream"}]
     config: dict[str, Any] = {
@@ -123,12 +121,6 @@ def mesh_config(ports: dict[str, int], floor: bool = False,
              "ports": {"bare": ports["cmp_bare"], "plugged": ports["cmp_plugged"]}},
         ],
     }
-    if floor:
-        config["listeners"].append({"name": "floor", "port": ports["floor"], "routes": route,
-                                    "plugins": ["noop-1", "noop-2"]})
-        config["plugins"] += [{"name": name, "wasm": str(plugin("noop.wasm"))}
-                              for name in ("noop-1", "noop-2")]
-        config["nodes"][0]["listeners"].append("floor")
     if compare_plugins is not None:
         config["listeners"].append({"name": "plugged-b", "port": ports["plugged_b"],
                                     "routes": route, "plugins": ["rate-limit-b", "auth-b"]})
@@ -257,23 +249,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_mesh(stack: contextlib.ExitStack, tmp: Path, floor: bool = False,
-               compare_plugins: Path | None = None,
+def start_mesh(stack: contextlib.ExitStack, tmp: Path, compare_plugins: Path | None = None,
                extra: tuple[tuple[str, ...], ...] = ()) -> dict[str, int]:
     """A free port for every part, `tmp`/meshgate.yaml (`mesh_config`), and the upstream
     and the control server started (stopped with `stack`). The sidecars and Envoy are the
     caller's."""
     import yaml
 
-    names = ("upstream", "bare", "plugged", "floor", "envoy", "xds", "http", "admin", "envoy_admin",
+    names = ("upstream", "bare", "plugged", "envoy", "xds", "http", "admin", "envoy_admin",
              "cmp_bare", "cmp_plugged", "cmp_admin", "plugged_b",
              *(f"extra_{i}" for i in range(len(extra))))  # fmt: skip
     found: set[int] = set()
     while len(found) < len(names):  # a probed port is free again: one may come back
         found.add(free_port())
     ports = dict(zip(names, found, strict=True))
-    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports, floor,
-                                                                  compare_plugins, extra)))
+    (tmp / "meshgate.yaml").write_text(yaml.safe_dump(mesh_config(ports, compare_plugins,
+                                                                  extra)))
     stack.enter_context(process([PY, "-c", UPSTREAM, str(ports["upstream"])], tmp / "up.log"))
     stack.enter_context(process(
         [PY, "-m", "meshgate.cli", "serve", "--config", str(tmp / "meshgate.yaml"),
@@ -483,7 +474,7 @@ def main() -> None:
     print(f"plugins by subtraction: {over_bare(results, plugged_name)} (target <= 20 %)")
     for i, kinds in enumerate(args.listener):
         name = extra_target(i, kinds)
-        print(f"{name[len('sidecar, '):]} by subtraction: {over_bare(results, name)}")
+        print(f"{name} by subtraction: {over_bare(results, name)}")
     if envoy:
         print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40; "
               f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")

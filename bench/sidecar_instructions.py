@@ -77,6 +77,8 @@ def machine_caches() -> tuple[str, ...]:
     if len(found) != 3:
         return FALLBACK_CACHES
     return tuple(found[o] for o in ("I1", "D1", "LL"))
+
+
 #: The cache-miss events of callgrind this bench prints, and its names for them.
 MISSES = {"I1mr": "L1i", "ILmr": "L2 instr", "D1mr": "L1d read", "D1mw": "L1d write",
           "DLmr": "L2 data read", "DLmw": "L2 data write"}
@@ -183,10 +185,9 @@ def main() -> None:
     print(f"callgrind dumps (kept, for callgrind_annotate): {tmp}", flush=True)
     figures: dict[str, list[dict[str, float]]] = {t: [] for t in TARGETS}
     objects: dict[str, list[dict[str, dict[str, float]]]] = {t: [] for t in TARGETS}
-    caches = machine_caches()
-    cache = ["--cache-sim=yes", *caches] if args.cache_sim else []
-    if args.cache_sim:
-        print(f"simulated caches: {' '.join(caches)}", flush=True)
+    cache = ["--cache-sim=yes", *machine_caches()] if args.cache_sim else []
+    if cache:
+        print(f"simulated caches: {' '.join(cache[1:])}", flush=True)
     with contextlib.ExitStack() as stack:
         ports = start_mesh(stack, tmp)
         sidecar = stack.enter_context(process(

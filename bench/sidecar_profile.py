@@ -166,15 +166,16 @@ def run(seconds: int, rounds: int, pin: bool, gc_young_threshold: int | None = N
     """Per listener, each round's (µs a request sampled, of it on the plugin path, by frame)."""
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-profile-"))
     proxy_cpu = pinned_proxies(pin)
-    listeners = ("bare", "plugged", "floor") if floor else ("bare", "plugged")
-    results: dict[str, list[Round]] = {name: [] for name in listeners}
+    # The floor is the benches' first extra listener (`sidecar_bench.py --listener`).
+    ports_of = {"bare": "bare", "plugged": "plugged", **({"floor": "extra_0"} if floor else {})}
+    results: dict[str, list[Round]] = {name: [] for name in ports_of}
     with contextlib.ExitStack() as stack:
-        ports = start_mesh(stack, tmp, floor)
+        ports = start_mesh(stack, tmp, extra=(("noop", "noop"),) if floor else ())
         sidecar = stack.enter_context(process(
             [*proxy_cpu, PY, *sidecar_args(ports["xds"], ports["admin"], "profile-bench"),
              *threshold_args(gc_young_threshold)],
             tmp / "sidecar.log", REPO))
-        urls = {name: f"http://127.0.0.1:{ports[name]}/" for name in results}
+        urls = {name: f"http://127.0.0.1:{ports[port]}/" for name, port in ports_of.items()}
         for url in urls.values():
             wait_ok(url, 120)
             sample(sidecar.pid, url, 2, tmp / "warm.txt")
@@ -236,15 +237,9 @@ def print_outside(results: dict[str, list[Round]], n: int) -> None:
     """Where the samples off the plugin path grew from the bare listener to the others:
     what the plugins cost the rest of the request (its code and data pushed out of the
     caches while they ran, decision 2700)."""
-    def mean(listener: str) -> collections.Counter[str]:
-        summed: collections.Counter[str] = collections.Counter()
-        for r in results[listener]:
-            summed.update(r.outside)
-        return collections.Counter({k: v / len(results[listener]) for k, v in summed.items()})
-
-    bare = mean("bare")
+    bare = mean_of([r.outside for r in results["bare"]])
     others = [name for name in results if name != "bare"]
-    grown = {name: mean(name) for name in others}
+    grown = {name: mean_of([r.outside for r in results[name]]) for name in others}
     lines = set(bare).union(*grown.values())
     ranked = sorted(lines, key=lambda k: bare[k] - grown["plugged"][k])
     print(f"off the plugin path, µs a request (mean of the rounds): the {n} lines that grew "
@@ -255,13 +250,17 @@ def print_outside(results: dict[str, list[Round]], n: int) -> None:
               + f"  {key}")
 
 
-def print_frames(rounds: list[Round], what: str) -> None:
+def mean_of(counters: list[collections.Counter[str]]) -> collections.Counter[str]:
     summed: collections.Counter[str] = collections.Counter()
-    for r in rounds:
-        summed.update(r.outer)
+    for c in counters:
+        summed.update(c)
+    return collections.Counter({k: v / len(counters) for k, v in summed.items()})
+
+
+def print_frames(rounds: list[Round], what: str) -> None:
     print(f"plugin path by its outermost frame, µs {what} (mean of the rounds):")
-    for name, us in summed.most_common(12):
-        print(f"  {us / len(rounds):6.1f}  {name}")
+    for name, us in mean_of([r.outer for r in rounds]).most_common(12):
+        print(f"  {us:6.1f}  {name}")
 
 
 if __name__ == "__main__":
