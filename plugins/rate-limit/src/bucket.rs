@@ -5,7 +5,7 @@
 
 /// Milli-tokens per token.
 pub const SCALE: u64 = 1000;
-const NANOS_PER_SEC: u128 = 1_000_000_000;
+const NANOS_PER_SEC: u64 = 1_000_000_000;
 
 /// A rule's limit: `tokens` every `per_seconds`, holding at most `burst` tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,16 +47,12 @@ impl Limit {
 
     /// Milli-tokens credited for `elapsed_ns` (rounded down).
     fn refill(&self, elapsed_ns: u64) -> u64 {
-        let num = elapsed_ns as u128 * self.tokens as u128 * SCALE as u128;
-        let den = self.per_seconds as u128 * NANOS_PER_SEC;
-        u64::try_from(num / den).unwrap_or(u64::MAX)
+        scaled([elapsed_ns, self.tokens, SCALE], [self.per_seconds, NANOS_PER_SEC], false)
     }
 
     /// Nanoseconds needed to credit `milli` milli-tokens (rounded up).
     pub fn nanos_for(&self, milli: u64) -> u64 {
-        let num = milli as u128 * self.per_seconds as u128 * NANOS_PER_SEC;
-        let den = self.tokens as u128 * SCALE as u128;
-        u64::try_from(num.div_ceil(den)).unwrap_or(u64::MAX)
+        scaled([milli, self.per_seconds, NANOS_PER_SEC], [self.tokens, SCALE], true)
     }
 
     /// The state `prev` refilled up to `now_ns` (a missing bucket is a full one).
@@ -106,7 +102,22 @@ impl Limit {
 }
 
 fn ceil_seconds(ns: u64) -> u64 {
-    ns.div_ceil(NANOS_PER_SEC as u64)
+    ns.div_ceil(NANOS_PER_SEC)
+}
+
+/// The product of `num` over the product of `den`, rounded down (or up), saturating at
+/// `u64::MAX`. In 64 bits whenever both products fit, as they do for any limit and
+/// elapsed time a request sees; else in 128 bits, exactly. wasm has no 128-bit multiply
+/// or divide: each is a library call, and together they ran about 900 instructions a
+/// request (decision 3000).
+fn scaled(num: [u64; 3], den: [u64; 2], round_up: bool) -> u64 {
+    let narrow = num[0].checked_mul(num[1]).and_then(|n| n.checked_mul(num[2]));
+    if let (Some(n), Some(d)) = (narrow, den[0].checked_mul(den[1])) {
+        return if round_up { n.div_ceil(d) } else { n / d };
+    }
+    let n = num[0] as u128 * num[1] as u128 * num[2] as u128;
+    let d = den[0] as u128 * den[1] as u128;
+    u64::try_from(if round_up { n.div_ceil(d) } else { n / d }).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -187,6 +198,30 @@ mod tests {
         assert_eq!(c.retry_after_seconds, 6);
         assert_eq!(c.reset_seconds, 16);
         assert_eq!(c.full_at_ns, 20 * S);
+    }
+
+    #[test]
+    fn sixty_four_bit_path_agrees_with_exact_arithmetic() {
+        let exact = |num: [u64; 3], den: [u64; 2], up: bool| {
+            let n = num[0] as u128 * num[1] as u128 * num[2] as u128;
+            let d = den[0] as u128 * den[1] as u128;
+            u64::try_from(if up { n.div_ceil(d) } else { n / d }).unwrap_or(u64::MAX)
+        };
+        // Products just under, at and over u64::MAX, and denominators either side of it.
+        let edge = u64::MAX / 1000;
+        let cases = [
+            ([7, 3, 1000], [2, S]),
+            ([edge, 1, 1000], [3, S]),
+            ([edge + 1, 1, 1000], [3, S]),
+            ([u64::MAX, 1, 1], [1, 7]),
+            ([u64::MAX, 2, 1000], [u64::MAX, 2]),
+            ([123_456_789, 1_000_000_000, 1000], [u64::MAX / 2, 3]),
+        ];
+        for (num, den) in cases {
+            for up in [false, true] {
+                assert_eq!(scaled(num, den, up), exact(num, den, up), "{num:?}/{den:?} up={up}");
+            }
+        }
     }
 
     #[test]
