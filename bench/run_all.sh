@@ -14,4 +14,5 @@ if command -v valgrind >/dev/null; then
   run bench/sidecar_instructions.py
 fi
 run bench/sidecar_bench.py --seconds 5 --rounds 3
+run bench/host_bookkeeping.py --rounds 3
 run bench/sidecar_profile.py --rounds 3
