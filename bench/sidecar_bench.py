@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+# Below the kernel's ephemeral range, where wrk's and the proxies' own connections cannot
+# take a port a sidecar is yet to bind (the tests' ports, for the same reason).
+from tests.support.ports import free_port  # noqa: E402
+
 PY = sys.executable
 API_KEY = "bench-key"
 UPSTREAM = """
@@ -62,12 +66,6 @@ app = web.Application()
 app.router.add_route("*", "/{tail:.*}", ok)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def plugin(name: str) -> Path:
