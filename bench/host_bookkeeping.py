@@ -32,7 +32,6 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -46,7 +45,8 @@ BARE, PLUGGED = "sidecar (bare)", "sidecar (rate-limit + auth)"
 
 
 def copy_tree(dest: Path) -> None:
-    """This tree's tracked files, as they are now, under `dest`."""
+    """This tree's tracked files, as they are now, under `dest`, and its built plugins
+    (linked), which the benches look for in `build/plugins`."""
     listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
                             capture_output=True).stdout.decode().split("\0")
     for name in filter(None, listed):
@@ -54,6 +54,8 @@ def copy_tree(dest: Path) -> None:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
+    (dest / "build").mkdir(exist_ok=True)
+    (dest / "build/plugins").symlink_to(REPO / "build/plugins")
 
 
 def without_guest_calls(tree: Path) -> None:
@@ -114,5 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()
