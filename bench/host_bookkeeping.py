@@ -35,7 +35,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from sidecar_bench import PY, REPO, run
+from sidecar_bench import PY, REPO, cpu_over, run
 
 DRIVER = Path("meshgate/gateway/wasm/_driver.h")
 #: `vm_call`'s first lines: a callback the plugin does not export answers None at once.
@@ -54,8 +54,10 @@ def copy_tree(dest: Path) -> None:
         if source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    (dest / "build").mkdir(exist_ok=True)
-    (dest / "build/plugins").symlink_to(REPO / "build/plugins")
+    link = dest / "build/plugins"
+    link.parent.mkdir(exist_ok=True)
+    if not link.is_symlink():  # a kept copy built again
+        link.symlink_to(REPO / "build/plugins")
 
 
 def without_guest_calls(tree: Path) -> None:
@@ -73,11 +75,6 @@ def build(tree: Path) -> None:
         raise SystemExit("build/plugins has no plugins: run `make setup` first")
     subprocess.run([PY, "setup.py", "-q", "build_pgo", "--plugins", str(plugins)], cwd=tree,
                    env={**os.environ, "PYTHONPATH": str(tree)}, check=True)
-
-
-def share(results: dict[str, dict[str, float]], prefix: str = "") -> float:
-    """The plugged listener's CPU a request over the bare one's, in µs."""
-    return results[prefix + PLUGGED]["cpu_us"] - results[prefix + BARE]["cpu_us"]
 
 
 def main() -> None:
@@ -102,7 +99,8 @@ def main() -> None:
         if args.keep is None:
             shutil.rmtree(tree, ignore_errors=True)
     bare = results[BARE]["cpu_us"]
-    total, kept = share(results), share(results, "compare: ")
+    total = cpu_over(results, PLUGGED)
+    kept = cpu_over(results, "compare: " + PLUGGED, "compare: " + BARE)
     print(f"wrk -t1 -c{args.connections} -d{args.seconds}s, medians of {args.rounds} "
           "interleaved rounds, CPU µs a request")
     for name, r in results.items():

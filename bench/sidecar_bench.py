@@ -290,7 +290,6 @@ def run(
     plugin batches (`plugin_batches`)."""
     if shutil.which("wrk") is None:
         raise SystemExit("wrk not found: apt-get install wrk")
-    sys.path.insert(0, str(REPO))
     from meshgate.envoy import find_envoy
     from meshgate.xds.bootstrap import envoy_bootstrap
 
@@ -410,10 +409,15 @@ def gc_per_request(before: tuple[float, float] | None, admin_port: int,
 PLUGINS_B = "sidecar (--compare-plugins build)"
 
 
+def cpu_over(results: dict[str, dict[str, float]], name: str,
+             bare: str = "sidecar (bare)") -> float:
+    """A listener's CPU a request over its sidecar's bare listener's, in µs."""
+    return results[name]["cpu_us"] - results[bare]["cpu_us"]
+
+
 def over_bare(results: dict[str, dict[str, float]], name: str) -> str:
-    """A listener's CPU a request over the bare listener's, in µs and as a share of bare."""
-    bare = results["sidecar (bare)"]["cpu_us"]
-    extra = results[name]["cpu_us"] - bare
+    """`cpu_over`, in µs and as a share of bare."""
+    extra, bare = cpu_over(results, name), results["sidecar (bare)"]["cpu_us"]
     return f"{extra:.1f} CPU µs a request, {extra / bare:.1%} of bare"
 
 
