@@ -70,7 +70,7 @@ CHAIN_METHODS = ("start", "begin_request_headers", "begin_response_headers",
                  "begin_whole_response_body")
 PLUGIN_FRAME = re.compile(
     r"\((meshgate/gateway/wasm/|meshgate/gateway/filters\.py)"
-    r"|^(PluginChain\.|FinishBatch\.|_finish |_stream_info )")
+    r"|^(PluginChain\.|FinishBatch\.|_log_finish_errors |_stream_info )")
 
 
 def chain_call_lines() -> dict[int, str]:

@@ -285,7 +285,7 @@ class PluginChain:
     def finish(self) -> None:
         """Each stream's closing callbacks, now. Synchronous, as the host's ``finish``;
         the data path queues its chains on a ``FinishBatch`` instead."""
-        _finish(self.streams)
+        _log_finish_errors((_WASM or _wasm()).finish_streams(self.streams))
 
 
 #: PluginChain's own start and phases. Where the compiled driver runs, the first use of the
@@ -340,9 +340,8 @@ class FinishBatch:
         self._queued, self._held = [], []
         try:
             # Plugin by plugin across the requests; within a request, filter order.
-            width = max(len(chain.streams) for chain in queued)
-            _finish([chain.streams[i] for i in range(width) for chain in queued
-                     if i < len(chain.streams)])
+            _log_finish_errors((_WASM or _wasm()).finish_across(
+                [chain.streams for chain in queued]))
         finally:
             for config in held:
                 self._holder.release(config)
@@ -350,9 +349,9 @@ class FinishBatch:
             self._sizes.observe(len(queued))
 
 
-def _finish(streams: list[Any]) -> None:
+def _log_finish_errors(errors: list[Exception] | None) -> None:
     # A plugin failing in on_done must not fail the response, nor stop the others.
-    for exc in (_WASM or _wasm()).finish_streams(streams) or ():
+    for exc in errors or ():
         log.error("plugin stream finish failed", exc_info=exc)
 
 

@@ -61,6 +61,7 @@ from .stream import (
     RESPONSE_HEADERS,
     HttpStream,
     drive_phase,
+    finish_across,
     finish_streams,
     open_streams,
 )
@@ -92,6 +93,7 @@ __all__ = [
     "compile_chain",
     "drive_phase",
     "edited_pseudo",
+    "finish_across",
     "finish_streams",
     "headers_phase",
     "open_streams",

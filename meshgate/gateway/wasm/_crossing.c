@@ -450,6 +450,8 @@ static PyMethodDef crossing_methods[] = {
      "stream.drive_phase_py, compiled."},
     {"finish_streams", (PyCFunction)finish_streams, METH_O,
      "finish_streams(streams): stream.finish_streams_py, compiled."},
+    {"finish_across", (PyCFunction)finish_across, METH_O,
+     "finish_across(stream_lists): stream.finish_across_py, compiled."},
     {"open_streams", (PyCFunction)(void (*)(void))open_streams, METH_FASTCALL,
      "open_streams(hosts, info): stream.open_streams_py, compiled."},
     {"configure_streams", (PyCFunction)(void (*)(void))configure_streams, METH_FASTCALL,

@@ -686,6 +686,27 @@ finish_one(PyObject *stream)
     return rc;
 }
 
+/* finish_one, keeping an error the reference keeps in `*errors` (made on the first): 0,
+ * or -1 for one that must propagate. */
+static int
+finish_keeping(PyObject *stream, PyObject **errors)
+{
+    Py_INCREF(stream);
+    int rc = finish_one(stream);
+    Py_DECREF(stream);
+    if (rc == 0)
+        return 0;
+    /* As the reference: the error is kept, and the other streams still finish. */
+    if (!PyErr_ExceptionMatches(PyExc_Exception))
+        return -1;
+    PyObject *v = take_exception();
+    if (*errors == NULL)
+        *errors = PyList_New(0);
+    rc = *errors == NULL || v == NULL ? -1 : PyList_Append(*errors, v);
+    Py_XDECREF(v);
+    return rc;
+}
+
 /* finish_streams(streams): stream.finish_streams_py, compiled. */
 static PyObject *
 finish_streams(PyObject *module, PyObject *streams)
@@ -698,26 +719,69 @@ finish_streams(PyObject *module, PyObject *streams)
         return PyObject_CallOneArg(d_py_finish_streams, streams);
     PyObject *errors = NULL;
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(streams); i++) {
-        PyObject *stream = Py_NewRef(PyList_GET_ITEM(streams, i));
-        int rc = finish_one(stream);
-        Py_DECREF(stream);
-        if (rc == 0)
-            continue;
-        /* As the reference: the error is kept, and the other streams still finish. */
-        if (!PyErr_ExceptionMatches(PyExc_Exception))
-            goto failed;
-        PyObject *v = take_exception();
-        if (errors == NULL)
-            errors = PyList_New(0);
-        rc = errors == NULL || v == NULL ? -1 : PyList_Append(errors, v);
-        Py_XDECREF(v);
-        if (rc < 0)
-            goto failed;
+        if (finish_keeping(PyList_GET_ITEM(streams, i), &errors) < 0) {
+            Py_XDECREF(errors);
+            return NULL;
+        }
     }
     return errors != NULL ? errors : Py_NewRef(Py_None);
-failed:
-    Py_XDECREF(errors);
-    return NULL;
+}
+
+/* The streams of `lists` in finish_across's order, as one list: a new reference or NULL. */
+static PyObject *
+across(PyObject *lists, Py_ssize_t width)
+{
+    PyObject *out = PyList_New(0);
+    for (Py_ssize_t i = 0; out != NULL && i < width; i++)
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(lists); j++) {
+            PyObject *streams = PyList_GET_ITEM(lists, j);
+            if (i < PyList_GET_SIZE(streams) &&
+                PyList_Append(out, PyList_GET_ITEM(streams, i)) < 0) {
+                Py_CLEAR(out);
+                break;
+            }
+        }
+    return out;
+}
+
+/* finish_across(stream_lists): stream.finish_across_py, compiled. The closing batch's
+ * order without the list the reference builds of it. */
+static PyObject *
+finish_across(PyObject *module, PyObject *lists)
+{
+    Py_ssize_t width = 0;
+    for (Py_ssize_t j = 0; PyList_CheckExact(lists) && j < PyList_GET_SIZE(lists); j++) {
+        PyObject *streams = PyList_GET_ITEM(lists, j);
+        if (!PyList_CheckExact(streams)) {
+            width = -1;
+            break;
+        }
+        width = Py_MAX(width, PyList_GET_SIZE(streams));
+    }
+    if (!PyList_CheckExact(lists) || width < 0) {
+        PyErr_SetString(PyExc_TypeError, "finish_across(stream_lists: list of lists)");
+        return NULL;
+    }
+    if (d_wasm_trap == NULL) {
+        PyObject *streams = across(lists, width);
+        PyObject *errors = streams ? finish_streams(module, streams) : NULL;
+        Py_XDECREF(streams);
+        return errors;
+    }
+    PyObject *errors = NULL;
+    for (Py_ssize_t i = 0; i < width; i++)
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(lists); j++) {
+            /* A stream's finish may run Python (a trap's log): sizes are read again. */
+            PyObject *streams = Py_NewRef(PyList_GET_ITEM(lists, j));
+            int rc = i < PyList_GET_SIZE(streams)
+                         ? finish_keeping(PyList_GET_ITEM(streams, i), &errors) : 0;
+            Py_DECREF(streams);
+            if (rc < 0) {
+                Py_XDECREF(errors);
+                return NULL;
+            }
+        }
+    return errors != NULL ? errors : Py_NewRef(Py_None);
 }
 
 static PyObject *

@@ -270,6 +270,15 @@ def finish_streams_py(streams: list[HttpStream]) -> list[Exception] | None:
     return errors
 
 
+def finish_across_py(stream_lists: list[list[HttpStream]]) -> list[Exception] | None:
+    """``finish_streams`` over several requests' streams, plugin by plugin: the first
+    stream of every list, then the second of every list, and so on. The closing batch's
+    order, so that each plugin's closing code runs warm after its first request."""
+    width = max(map(len, stream_lists), default=0)
+    return finish_streams_py([streams[i] for i in range(width) for streams in stream_lists
+                              if i < len(streams)])
+
+
 #: ``_drive(stream, export, size, end_of_stream, is_body)``: ``HttpStream._call``, or the
 #: compiled driver where the compiled crossings are in use (decision 1100).
 if COMPILED_DRIVER is not None:
@@ -340,6 +349,8 @@ def _one_phase(stream: HttpStream, phase: int, payload: HeaderMap | Buffer,
 
 finish_streams = (COMPILED_DRIVER.finish_streams if COMPILED_DRIVER is not None
                   else finish_streams_py)
+finish_across = (COMPILED_DRIVER.finish_across if COMPILED_DRIVER is not None
+                 else finish_across_py)
 
 
 def open_streams_py(hosts: Sequence[PluginHost], info: StreamInfo) -> list[HttpStream]:

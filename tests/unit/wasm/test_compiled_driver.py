@@ -147,7 +147,14 @@ async def test_the_driver_is_what_the_data_path_calls() -> None:
     assert stream_module._invoke_all is COMPILED_DRIVER.invoke_all
     assert stream_module.drive_phase is COMPILED_DRIVER.drive_phase
     assert stream_module.finish_streams is COMPILED_DRIVER.finish_streams
+    assert stream_module.finish_across is COMPILED_DRIVER.finish_across
     assert stream_module.open_streams is COMPILED_DRIVER.open_streams
+
+
+@pytest.mark.parametrize("bad", [(), [()], [[], 3]])
+async def test_finishing_across_takes_a_list_of_lists(bad: Any) -> None:
+    with pytest.raises(TypeError, match="finish_across"):
+        stream_module.finish_across(bad)
 
 
 async def test_phases_and_finishing_leak_no_python_objects(load: Any) -> None:
@@ -161,7 +168,7 @@ async def test_phases_and_finishing_leak_no_python_objects(load: Any) -> None:
         assert stream_module.drive_phase(streams, 0, RESPONSE_HEADERS,
                                          HeaderMap([(":status", "200")]), False, 200) is None
         assert stream_module.drive_phase(streams, 0, RESPONSE_BODY, body, True, None) is None
-        assert stream_module.finish_streams(streams) is None
+        assert stream_module.finish_across([streams]) is None
 
     for _ in range(200):
         one()

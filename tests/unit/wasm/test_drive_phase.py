@@ -1,8 +1,10 @@
-"""`drive_phase` and `finish_streams`: a listener's plugins driven a phase at a time.
+"""`drive_phase`, `finish_streams` and `finish_across`: a listener's plugins driven a
+phase at a time.
 
-The data path (`PluginChain`) runs each phase of a request, and the closing callbacks,
-with one call each. Both the compiled driver and its Python references
-(`drive_phase_py`, `finish_streams_py`) are checked here, against the same plugins.
+The data path (`PluginChain`) runs each phase of a request with one call, and the closing
+callbacks of a batch of requests with one more. Both the compiled driver and its Python
+references (`drive_phase_py`, `finish_streams_py`, `finish_across_py`) are checked here,
+against the same plugins.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ from meshgate.gateway.wasm import (
     LocalReply,
     PluginHost,
     drive_phase,
+    finish_across,
     finish_streams,
 )
-from meshgate.gateway.wasm.stream import drive_phase_py, finish_streams_py
+from meshgate.gateway.wasm.stream import drive_phase_py, finish_across_py, finish_streams_py
 
 from .wat import log_info, plugin
 
-DRIVERS = {"compiled or ctypes default": (drive_phase, finish_streams),
-           "python": (drive_phase_py, finish_streams_py)}
+DRIVERS = {"compiled or ctypes default": (drive_phase, finish_streams, finish_across),
+           "python": (drive_phase_py, finish_streams_py, finish_across_py)}
 
 # Adds `x-added: 1` to the request headers.
 ADDS_A_HEADER = """
@@ -44,18 +47,23 @@ def headers() -> HeaderMap:
 
 
 @pytest.fixture(params=sorted(DRIVERS))
-def driver(request: pytest.FixtureRequest) -> tuple[Any, Any]:
+def driver(request: pytest.FixtureRequest) -> tuple[Any, Any, Any]:
     return DRIVERS[request.param]
 
 
 @pytest.fixture
-def drive(driver: tuple[Any, Any]) -> Any:
+def drive(driver: tuple[Any, Any, Any]) -> Any:
     return driver[0]
 
 
 @pytest.fixture
-def finish(driver: tuple[Any, Any]) -> Any:
+def finish(driver: tuple[Any, Any, Any]) -> Any:
     return driver[1]
+
+
+@pytest.fixture
+def across(driver: tuple[Any, Any, Any]) -> Any:
+    return driver[2]
 
 
 CLOSING = {"on_log": log_info("log"), "on_done": f"{log_info('done')} (i32.const 1)",
@@ -186,3 +194,42 @@ async def test_an_error_while_closing_is_returned_and_the_rest_finish(
     errors = finish(streams)
     assert [str(e) for e in errors] == ["cannot record the trap in proxy_on_log"]
     assert closing_lines(caplog, "ok") == ["log", "done", "delete"]
+
+
+async def test_a_batch_closes_plugin_by_plugin_across_its_requests(
+        load: Any, drive: Any, across: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO)
+    first = await load(plugin(**CLOSING), name="first")
+    second = await load(plugin(**CLOSING), name="second")
+    # Two requests through both plugins, and one whose listener had only the first.
+    requests = [[first.new_stream(), second.new_stream()],
+                [first.new_stream(), second.new_stream()], [first.new_stream()]]
+    for streams in requests:
+        assert drive(streams, 0, REQUEST_HEADERS, headers(), True, None) is None
+    assert across(requests) is None
+    order = [r.name.rsplit(".", 1)[1] for r in caplog.records
+             if r.name.startswith("meshgate.plugin.")]
+    assert order == ["first"] * 9 + ["second"] * 6
+    assert closing_lines(caplog, "first") == ["log", "done", "delete"] * 3
+    assert not first.streams and not second.streams
+    assert across([]) is None
+
+
+async def test_an_error_while_closing_a_batch_is_returned_and_the_rest_finish(
+        load: Any, drive: Any, across: Any, caplog: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.INFO)
+    trapping = await load(plugin(on_log="(unreachable)"), name="trapping")
+    ok = await load(plugin(**CLOSING), name="ok")
+
+    def broken_trapped(host: PluginHost, callback: str, exc: Exception) -> None:
+        raise RuntimeError(f"cannot record the trap in {callback}")
+
+    monkeypatch.setattr(PluginHost, "trapped", broken_trapped)
+    requests = [[trapping.new_stream(), ok.new_stream()], [ok.new_stream()]]
+    for streams in requests:
+        assert drive(streams, 0, REQUEST_HEADERS, headers(), True, None) is None
+    errors = across(requests)
+    assert [str(e) for e in errors] == ["cannot record the trap in proxy_on_log"]
+    assert closing_lines(caplog, "ok") == ["log", "done", "delete"] * 2
+    assert not ok.streams and not trapping.streams
