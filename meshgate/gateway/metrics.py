@@ -54,6 +54,15 @@ class SidecarMetrics:
             buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
+        # How many plugged requests one event-loop pass brings to their request headers:
+        # their plugins' request callbacks run together (decision 3100).
+        self.plugin_request_batches = Histogram(
+            "meshgate_sidecar_plugin_request_batch_requests",
+            "Plugged requests whose request-headers plugin callbacks ran together in one "
+            "pass of the event loop",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         # Label children cached by their values: `labels()` validates and hashes its
         # arguments under a lock on every call, several µs a request.
         self._children: dict[tuple[str, str, int], Counter] = {}

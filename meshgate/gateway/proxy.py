@@ -32,6 +32,8 @@ from meshgate.gateway.filters import (
     LocalReply,
     PluginChain,
     PluginReplied,
+    QueuedPhase,
+    RequestBatch,
     StreamReset,
     next_chunk,
 )
@@ -107,6 +109,7 @@ class DataPath:
         self.provider = tracer_provider or sidecar_tracer_provider()
         self.tracer = self.provider.get_tracer("meshgate.sidecar")
         self._ids = id_generator(self.provider)
+        self.request_phases = RequestBatch(metrics.plugin_request_batches)
         self.finishing = FinishBatch(holder, metrics.plugin_finish_batches)
 
     def handler(self, listener: str) -> Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]:
@@ -219,7 +222,10 @@ class DataPath:
         request (the plugins' request phase, then the body) must be in by then."""
         path = route.rewrite(request.raw_path)
         if chain is not None:
-            rest = chain.begin_request_headers(request.method, path, up_headers, request)
+            rest = self.request_phases.begin_request_headers(
+                chain, request.method, path, up_headers, request)
+            if rest.__class__ is QueuedPhase:  # batched with this pass's other requests
+                rest = await rest  # type: ignore[misc]
             if rest is not None:
                 await _paused_plugins(rest, deadline, request)
             path = chain.path or path
