@@ -285,7 +285,7 @@ def run(
     compare_plugins: Path | None = None,
     extra: tuple[tuple[str, ...], ...] = (),
 ) -> tuple[dict[str, dict[str, float]], dict[str, list[dict[str, float]]],
-           tuple[float, float]]:
+           dict[str, tuple[float, float]]]:
     """The medians over the rounds per target, each round's figures, and this tree's
     plugin batches (`plugin_batches`)."""
     if shutil.which("wrk") is None:
@@ -375,14 +375,19 @@ def scrape(admin_port: int) -> str:
         return str(resp.read().decode())
 
 
-def plugin_batches(admin_port: int) -> tuple[float, float]:
-    """This tree's sidecar's `meshgate_sidecar_plugin_finish_batch_requests` over the
-    whole run (warm-up included): (batches, mean plugged requests a batch)."""
+def plugin_batches(admin_port: int) -> dict[str, tuple[float, float]]:
+    """This tree's sidecar's plugin batches over the whole run (warm-up included), the
+    closing ones (`meshgate_sidecar_plugin_finish_batch_requests`) as "finish" and the
+    request-headers phases' (`..._request_batch_requests`) as "request": (batches, mean
+    plugged requests a batch)."""
     text = scrape(admin_port)
-    found = dict(re.findall(r"meshgate_sidecar_plugin_finish_batch_requests_(sum|count) (\S+)",
-                            text))
-    count, total = float(found.get("count", 0)), float(found.get("sum", 0))
-    return count, total / count if count else 0.0
+    batches = {}
+    for kind in ("finish", "request"):
+        found = dict(re.findall(
+            rf"meshgate_sidecar_plugin_{kind}_batch_requests_(sum|count) (\S+)", text))
+        count, total = float(found.get("count", 0)), float(found.get("sum", 0))
+        batches[kind] = (count, total / count if count else 0.0)
+    return batches
 
 
 def gc_totals(admin_port: int) -> tuple[float, float] | None:
@@ -480,8 +485,9 @@ def main() -> None:
     if envoy:
         print(f"sidecar with plugins / envoy:        {plugged / envoy:.2f} (target >= 0.40; "
               f"{paired(runs, plugged_name, 'envoy 1 worker (rate-limit + auth)')})")
-    print(f"closing callbacks batched: {batches[0]:.0f} batches, {batches[1]:.2f} plugged "
-          "requests each")
+    for kind, what in (("request", "request-headers phases"), ("finish", "closing callbacks")):
+        count, mean = batches[kind]
+        print(f"{what} batched: {count:.0f} batches, {mean:.2f} plugged requests each")
     if args.compare_plugins is not None:
         print(f"--compare-plugins build / this build: "
               f"{results[PLUGINS_B]['rps'] / plugged:.2f} "

@@ -51,6 +51,47 @@ async def test_rate_limit_plugin_answers_429_after_its_tokens(tmp_path: Path) ->
             stack.__exit__(None, None, None)
 
 
+async def batch_sizes(client: aiohttp.ClientSession, admin_port: int) -> tuple[float, float]:
+    """(batches, requests in them) of the sidecar's request-phase batches so far."""
+    async with client.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
+        text = await resp.text()
+    found = dict(re.findall(
+        r"meshgate_sidecar_plugin_request_batch_requests_(count|sum) (\S+)", text))
+    return float(found["count"]), float(found["sum"])
+
+
+@needs_plugins
+async def test_concurrent_requests_each_take_one_token_when_their_phases_run_batched(
+    tmp_path: Path,
+) -> None:
+    # Requests arriving together have their request-headers phases run together on the
+    # next pass of the loop (decision 3100): each still counts once against the limit,
+    # and each gets its own answer.
+    async with upstreams("a") as ports:
+        port = free_port()
+        stack = await start_stack(tmp_path, limited(port, ports["a"], 20))
+        try:
+            async with (running_sidecar(stack) as sidecar,
+                        aiohttp.ClientSession() as client):  # fmt: skip
+                url = f"http://127.0.0.1:{port}/x"
+                results = await asyncio.gather(*(three_gets(client, url) for _ in range(16)))
+                statuses = sorted(s for r in results for s in r)
+                assert statuses == [200] * 20 + [429] * 28
+                batches, batched = await batch_sizes(client, sidecar.admin_port)
+                assert batched <= 48 and batched > batches, (batches, batched)
+        finally:
+            stack.__exit__(None, None, None)
+
+
+async def three_gets(client: aiohttp.ClientSession, url: str) -> list[int]:
+    statuses = []
+    for _ in range(3):
+        async with client.get(url) as resp:
+            await resp.read()
+            statuses.append(resp.status)
+    return statuses
+
+
 @needs_plugins
 async def test_a_restarted_sidecar_starts_its_plugins_from_the_module_cache(
     tmp_path: Path, caplog: pytest.LogCaptureFixture

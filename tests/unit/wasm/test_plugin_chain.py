@@ -19,6 +19,8 @@ from meshgate.gateway.filters import (
     FinishBatch,
     PluginChain,
     PluginReplied,
+    QueuedPhase,
+    RequestBatch,
     _stream_info,
 )
 from meshgate.gateway.metrics import SidecarMetrics
@@ -122,6 +124,123 @@ async def test_a_phase_settles_at_once_unless_a_plugin_pauses(load: Any) -> None
     await waiting
     assert headers.getall("x-paused") == ["yes"] and paused.status is None
     paused.finish()
+
+
+def plugin_lines(caplog: Any) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("meshgate.plugin.")]
+
+
+async def test_request_batch_runs_a_loop_pass_of_request_phases_on_the_next_pass(
+        load: Any, caplog: Any) -> None:
+    """Requests reaching their request headers while other work is ready this pass wait
+    for the next one, where the batch runs their phases in a row, in the order they came;
+    each request then gets what its own phase answered: settled, a reply, or the rest of
+    a paused phase to await."""
+    caplog.set_level(logging.INFO)
+    gate = await load(plugin(on_request_headers=f"{log_info('m')} {NEEDS_X_MIXED}",
+                             strings={"k": b"x-mixed", "m": b"gate"}), name="gate")
+    pauser = await load(plugin(on_request_headers=f"{log_info('m')} (i32.const 1)",
+                               strings={"m": b"pauser"}), name="pauser")
+    metrics = SidecarMetrics()
+    batch = RequestBatch(metrics.plugin_request_batches)
+    allowed = make_mocked_request("GET", "/a", headers={"Host": "svc", "x-mixed": "1"})
+    refused = make_mocked_request("GET", "/a", headers={"Host": "svc"})
+    chains = [PluginChain.start([gate], allowed, None, 1024, None),
+              PluginChain.start([gate], refused, None, 1024, None),
+              PluginChain.start([gate, pauser], allowed, None, 1024, None)]
+    requests = [allowed, refused, allowed]
+
+    async def handler(chain: PluginChain, request: Any) -> Any:
+        phase = batch.begin_request_headers(chain, "GET", "/a",
+                                            CIMultiDict(request.headers), request)
+        assert phase.__class__ is QueuedPhase  # another handler is ready this pass
+        return await phase  # type: ignore[misc]
+
+    handlers = [asyncio.ensure_future(handler(c, r))
+                for c, r in zip(chains, requests, strict=True)]
+    await asyncio.sleep(0)  # the handlers' pass: each queues its phase
+    assert len(batch) == 3 and plugin_lines(caplog) == []
+    await asyncio.sleep(0)  # the next pass: the batch, then the handlers
+    assert plugin_lines(caplog) == ["gate", "gate", "gate", "pauser"]
+    assert len(batch) == 0
+    assert await handlers[0] is None
+    refusal = await handlers[1]  # the reply is carried out where the rest is awaited
+    with pytest.raises(PluginReplied) as replied:
+        await refusal
+    assert replied.value.reply.status == 403
+    rest = await handlers[2]
+    assert rest is not None  # the pauser paused: the rest of the phase is the handler's
+    waiting = asyncio.ensure_future(rest)
+    await asyncio.sleep(0)
+    chains[2].streams[1].ctx.wake()
+    await waiting
+    name = "meshgate_sidecar_plugin_request_batch_requests"
+    assert (metrics.registry.get_sample_value(f"{name}_count"),
+            metrics.registry.get_sample_value(f"{name}_sum")) == (1, 3)
+    for chain in chains:
+        chain.finish()
+
+
+async def test_a_lone_request_runs_its_request_phase_at_once(load: Any, caplog: Any) -> None:
+    caplog.set_level(logging.INFO)
+    gate = await load(plugin(on_request_headers=f"{log_info('m')} {NEEDS_X_MIXED}",
+                             strings={"k": b"x-mixed", "m": b"gate"}), name="gate")
+    batch = RequestBatch()
+    request = make_mocked_request("GET", "/a", headers={"Host": "svc"})
+    chain = PluginChain.start([gate], request, None, 1024, None)
+    loop = asyncio.get_running_loop()
+    for _ in range(10):  # let whatever else is ready run first
+        if not loop._ready:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0)
+    rest = batch.begin_request_headers(chain, "GET", "/a", CIMultiDict(request.headers),
+                                       request)
+    # The phase ran here, nothing waited for a pass: what is left is the plugin's reply.
+    assert plugin_lines(caplog) == ["gate"] and len(batch) == 0
+    assert rest is not None and rest.__class__ is not QueuedPhase
+    with pytest.raises(PluginReplied):
+        await rest
+    chain.finish()
+
+
+async def test_an_error_in_a_batched_phase_is_raised_in_its_own_request_only(
+        load: Any) -> None:
+    gate = await load(plugin(on_request_headers=NEEDS_X_MIXED, strings={"k": b"x-mixed"}),
+                      name="gate")
+    batch = RequestBatch()
+    request = make_mocked_request("GET", "/a", headers={"Host": "svc", "x-mixed": "1"})
+    good, bad = (PluginChain.start([gate], request, None, 1024, None) for _ in range(2))
+
+    async def handler(chain: PluginChain, headers: Any) -> Any:
+        phase = batch.begin_request_headers(chain, "GET", "/a", headers, request)
+        assert phase.__class__ is QueuedPhase
+        return await phase  # type: ignore[misc]
+
+    asyncio.get_running_loop().call_soon(lambda: None)  # other work ready: batch
+    handlers = [asyncio.ensure_future(handler(bad, None)),  # no headers: a data path bug
+                asyncio.ensure_future(handler(good, CIMultiDict(request.headers)))]
+    with pytest.raises(TypeError):
+        await handlers[0]
+    assert await handlers[1] is None
+    good.finish()
+    bad.finish()
+
+
+async def test_a_queued_phase_its_pass_missed_runs_when_awaited(load: Any,
+                                                                caplog: Any) -> None:
+    """A batch's pass that failed before a request's phase must not let the request on
+    unchecked: awaiting the phase runs it."""
+    caplog.set_level(logging.INFO)
+    gate = await load(plugin(on_request_headers=f"{log_info('m')} {NEEDS_X_MIXED}",
+                             strings={"k": b"x-mixed", "m": b"gate"}), name="gate")
+    request = make_mocked_request("GET", "/a", headers={"Host": "svc"})
+    chain = PluginChain.start([gate], request, None, 1024, None)
+    phase = QueuedPhase(chain, ("GET", "/a", CIMultiDict(request.headers), request))
+    rest = await phase
+    assert plugin_lines(caplog) == ["gate"]
+    with pytest.raises(PluginReplied):
+        await rest  # type: ignore[misc]
+    chain.finish()
 
 
 async def test_finish_batch_closes_a_loop_pass_of_requests_after_it_plugin_by_plugin(
