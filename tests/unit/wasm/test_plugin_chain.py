@@ -203,6 +203,35 @@ async def test_a_lone_request_runs_its_request_phase_at_once(load: Any, caplog: 
     chain.finish()
 
 
+async def test_after_a_batch_of_one_the_next_phases_run_at_once(load: Any) -> None:
+    """A batch that found no other request cost its request a pass for nothing: under a
+    light load the next phases run at once, then the batch tries again."""
+    gate = await load(plugin(on_request_headers=NEEDS_X_MIXED, strings={"k": b"x-mixed"}),
+                      name="gate")
+    batch = RequestBatch()
+    request = make_mocked_request("GET", "/a", headers={"Host": "svc", "x-mixed": "1"})
+    loop = asyncio.get_running_loop()
+
+    chains: list[PluginChain] = []
+
+    def begin() -> Any:
+        loop.call_soon(lambda: None)  # other work is ready this pass
+        chains.append(PluginChain.start([gate], request, None, 1024, None))
+        return batch.begin_request_headers(chains[-1], "GET", "/a",
+                                           CIMultiDict(request.headers), request)
+
+    alone = begin()
+    assert alone.__class__ is QueuedPhase
+    assert await alone is None  # the batch held it alone
+    answers = [begin() for _ in range(RequestBatch.AT_ONCE_AFTER_ALONE)]
+    assert answers == [None] * RequestBatch.AT_ONCE_AFTER_ALONE  # ran at once, settled
+    assert len(batch) == 0
+    again = begin()
+    assert again.__class__ is QueuedPhase and await again is None
+    for chain in chains:
+        chain.finish()
+
+
 async def test_an_error_in_a_batched_phase_is_raised_in_its_own_request_only(
         load: Any) -> None:
     gate = await load(plugin(on_request_headers=NEEDS_X_MIXED, strings={"k": b"x-mixed"}),
