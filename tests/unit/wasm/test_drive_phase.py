@@ -178,9 +178,11 @@ async def test_a_trap_while_closing_is_logged_and_the_rest_finish(
     assert closing_lines(caplog, "ok") == ["log", "done", "delete"]
 
 
-async def test_an_error_while_closing_is_returned_and_the_rest_finish(
-        load: Any, drive: Any, finish: Any, caplog: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+async def unrecordable_trap(load: Any, caplog: Any,
+                            monkeypatch: pytest.MonkeyPatch) -> tuple[PluginHost, PluginHost]:
+    """A plugin that traps in on_log, where recording the trap fails, and one that logs
+    its three closing callbacks."""
     caplog.set_level(logging.INFO)
     trapping = await load(plugin(on_log="(unreachable)"), name="trapping")
     ok = await load(plugin(**CLOSING), name="ok")
@@ -189,6 +191,13 @@ async def test_an_error_while_closing_is_returned_and_the_rest_finish(
         raise RuntimeError(f"cannot record the trap in {callback}")
 
     monkeypatch.setattr(PluginHost, "trapped", broken_trapped)
+    return trapping, ok
+
+
+async def test_an_error_while_closing_is_returned_and_the_rest_finish(
+        unrecordable_trap: tuple[PluginHost, PluginHost], drive: Any, finish: Any,
+        caplog: Any) -> None:
+    trapping, ok = unrecordable_trap
     streams = [trapping.new_stream(), ok.new_stream()]
     assert drive(streams, 0, REQUEST_HEADERS, headers(), True, None) is None
     errors = finish(streams)
@@ -216,16 +225,9 @@ async def test_a_batch_closes_plugin_by_plugin_across_its_requests(
 
 
 async def test_an_error_while_closing_a_batch_is_returned_and_the_rest_finish(
-        load: Any, drive: Any, across: Any, caplog: Any,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    caplog.set_level(logging.INFO)
-    trapping = await load(plugin(on_log="(unreachable)"), name="trapping")
-    ok = await load(plugin(**CLOSING), name="ok")
-
-    def broken_trapped(host: PluginHost, callback: str, exc: Exception) -> None:
-        raise RuntimeError(f"cannot record the trap in {callback}")
-
-    monkeypatch.setattr(PluginHost, "trapped", broken_trapped)
+        unrecordable_trap: tuple[PluginHost, PluginHost], drive: Any, across: Any,
+        caplog: Any) -> None:
+    trapping, ok = unrecordable_trap
     requests = [[trapping.new_stream(), ok.new_stream()], [ok.new_stream()]]
     for streams in requests:
         assert drive(streams, 0, REQUEST_HEADERS, headers(), True, None) is None
