@@ -169,7 +169,8 @@ class HttpStream:
             return CONTINUE
         host, ctx = self.host, self.ctx
         if self._generation != host.generation or host.vm.broken:
-            return self._failure()
+            if self._created or self._generation < 0 or not self._reopen():
+                return self._failure()
         args = (ctx.id, size) if end_of_stream is None else (ctx.id, size, int(end_of_stream))
         try:
             if self._created:
@@ -191,6 +192,24 @@ class HttpStream:
         if is_body and not end_of_stream:
             return STOP_AND_BUFFER
         return None
+
+    def _reopen(self) -> bool:
+        """A stream opened on a VM that has trapped since, before any callback of its own
+        ran, takes a context on the host's live VM, as a stream opened now would: the
+        data path opens a request's streams a loop pass before its request-headers
+        callbacks run when it batches them (decision 3100), and a trap in between, in
+        another request, must not fail this one. False if no VM can be started."""
+        host, ctx = self.host, self.ctx
+        if not host._ensure_vm():
+            return False
+        if host.streams.get(ctx.id) is ctx:  # the trapped VM's numbering
+            del host.streams[ctx.id]
+        ctx.id = host._next_context_id
+        host._next_context_id += 1
+        ctx.root = host.root
+        host.streams[ctx.id] = ctx
+        self._generation = host.generation
+        return True
 
     def _after_trap(self, callback: str, exc: WasmTrap) -> StreamAction:
         self.host.trapped(callback, exc)

@@ -286,6 +286,24 @@ async def test_other_streams_on_a_trapped_vm_apply_the_policy(load):
     assert action == LocalReply(503, [], b"", "wasm_fail_stream")
 
 
+async def test_a_stream_not_yet_called_when_another_traps_runs_on_the_new_vm(load):
+    # The data path opens a batched request's streams a loop pass before their first
+    # callback (decision 3100): a trap in between, in another request, must not fail it.
+    host = await load(trap_plugin())
+    waiting = host.new_stream()
+    bad = await host.new_stream().request_headers(path("/bad"), True)
+    assert bad == LocalReply(503, [], b"", "wasm_fail_stream")
+    assert await waiting.request_headers(path("/good"), True) == CONTINUE
+    fresh = host.new_stream()
+    # Numbered on the new VM, as a stream opened after the trap: no two share an id.
+    assert fresh.context_id != waiting.context_id
+    assert set(host.streams) == {waiting.context_id, fresh.context_id}
+    assert await fresh.request_headers(path("/good"), True) == CONTINUE
+    waiting.finish()
+    fresh.finish()
+    assert not host.streams
+
+
 async def test_infinite_loop_hits_the_cpu_deadline(load, caplog):
     host = await load(plugin(on_request_headers="(loop $l (br $l)) (i32.const 0)"))
     action = await host.new_stream().request_headers(req(), True)

@@ -260,6 +260,46 @@ async def test_an_error_in_a_batched_phase_is_raised_in_its_own_request_only(
     good.finish()
 
 
+# Traps when the request has `x-boom`; otherwise continues.
+TRAPS_ON_X_BOOM = """
+  (if (i32.eqz (call $proxy_get_header_map_value (i32.const 0) @k #k
+                     (i32.const 0) (i32.const 4)))
+      (then (unreachable)))
+  (i32.const 0)"""
+
+
+async def test_a_trap_in_a_batch_fails_only_the_request_that_trapped(load: Any) -> None:
+    """The batch's requests opened their streams before any of their phases ran: one
+    trapping must not fail the others, which had not reached the plugin yet. Each of them
+    goes to the VM recreated after the trap, as a request opened after it would."""
+    bomb = await load(plugin(on_request_headers=TRAPS_ON_X_BOOM, strings={"k": b"x-boom"}),
+                      name="bomb")
+    batch = RequestBatch()
+    calm = make_mocked_request("GET", "/a", headers={"Host": "svc"})
+    boom = make_mocked_request("GET", "/a", headers={"Host": "svc", "x-boom": "1"})
+    requests = [calm, boom, calm, calm]
+    chains = [PluginChain.start([bomb], r, None, 1024, None) for r in requests]
+
+    async def handler(chain: PluginChain, request: Any) -> Any:
+        phase = batch.begin_request_headers(chain, "GET", "/a",
+                                            CIMultiDict(request.headers), request)
+        assert phase.__class__ is QueuedPhase
+        rest = await phase  # type: ignore[misc]
+        if rest is not None:
+            await rest
+        return "served"
+
+    asyncio.get_running_loop().call_soon(lambda: None)  # other work ready: batch
+    outcomes = await asyncio.gather(
+        *(handler(c, r) for c, r in zip(chains, requests, strict=True)),
+        return_exceptions=True)
+    assert outcomes[0] == outcomes[2] == outcomes[3] == "served"
+    assert isinstance(outcomes[1], PluginReplied) and outcomes[1].reply.status == 503
+    assert not bomb.vm.broken  # recreated for the requests after the trap
+    for chain in chains:
+        chain.finish()
+
+
 async def test_a_queued_phase_its_pass_missed_runs_when_awaited(load: Any,
                                                                 caplog: Any) -> None:
     """A batch's pass that failed before a request's phase must not let the request on
