@@ -16,3 +16,6 @@ fi
 run bench/sidecar_bench.py --seconds 5 --rounds 3
 run bench/host_bookkeeping.py --rounds 3
 run bench/sidecar_profile.py --rounds 3
+if command -v perf >/dev/null; then
+  run bench/sidecar_perf.py --rounds 2
+fi
