@@ -60,18 +60,17 @@ ROW = re.compile(r"^\s*(\d+)\s+(\S+)\s+\[[.k]\]\s+(.*\S)\s*$")
 
 
 def plugin_names() -> dict[str, str]:
-    """The built plugins' sha256 prefixes (the module cache's file names), by plugin."""
-    names = {}
-    for wasm in (REPO / "build/plugins").glob("*.wasm"):
-        names[hashlib.sha256(wasm.read_bytes()).hexdigest()[:16]] = f"plugin {wasm.stem}"
-    return names
+    """The built plugins by sha256, which names their files in the module cache
+    (`SHA256-ENGINE.cwasm`)."""
+    return {hashlib.sha256(wasm.read_bytes()).hexdigest(): f"plugin {wasm.stem}"
+            for wasm in (REPO / "build/plugins").glob("*.wasm")}
 
 
 def library(dso: str, plugins: dict[str, str]) -> str:
     name = Path(dso).name
-    for prefix, plugin in plugins.items():
-        if name.startswith(prefix):
-            return plugin
+    plugin = plugins.get(name.partition("-")[0])
+    if plugin is not None:
+        return plugin
     if name.endswith(".cwasm") or name.startswith(("perf-", "[JIT]")) or name == "[unknown]":
         return "other compiled wasm"
     return name

@@ -51,12 +51,25 @@ async def test_rate_limit_plugin_answers_429_after_its_tokens(tmp_path: Path) ->
             stack.__exit__(None, None, None)
 
 
+async def gets(client: aiohttp.ClientSession, url: str, n: int) -> list[int]:
+    """The statuses of `n` GETs of `url`, one after another."""
+    statuses = []
+    for _ in range(n):
+        async with client.get(url) as resp:
+            await resp.read()
+            statuses.append(resp.status)
+    return statuses
+
+
+async def metrics_text(client: aiohttp.ClientSession, admin_port: int) -> str:
+    async with client.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
+        return await resp.text()
+
+
 async def batch_sizes(client: aiohttp.ClientSession, admin_port: int) -> tuple[float, float]:
     """(batches, requests in them) of the sidecar's request-phase batches so far."""
-    async with client.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
-        text = await resp.text()
-    found = dict(re.findall(
-        r"meshgate_sidecar_plugin_request_batch_requests_(count|sum) (\S+)", text))
+    found = dict(re.findall(r"meshgate_sidecar_plugin_request_batch_requests_(count|sum) (\S+)",
+                            await metrics_text(client, admin_port)))
     return float(found["count"]), float(found["sum"])
 
 
@@ -74,22 +87,13 @@ async def test_concurrent_requests_each_take_one_token_when_their_phases_run_bat
             async with (running_sidecar(stack) as sidecar,
                         aiohttp.ClientSession() as client):  # fmt: skip
                 url = f"http://127.0.0.1:{port}/x"
-                results = await asyncio.gather(*(three_gets(client, url) for _ in range(16)))
+                results = await asyncio.gather(*(gets(client, url, 3) for _ in range(16)))
                 statuses = sorted(s for r in results for s in r)
                 assert statuses == [200] * 20 + [429] * 28
                 batches, batched = await batch_sizes(client, sidecar.admin_port)
                 assert batched <= 48 and batched > batches, (batches, batched)
         finally:
             stack.__exit__(None, None, None)
-
-
-async def three_gets(client: aiohttp.ClientSession, url: str) -> list[int]:
-    statuses = []
-    for _ in range(3):
-        async with client.get(url) as resp:
-            await resp.read()
-            statuses.append(resp.status)
-    return statuses
 
 
 @needs_plugins
@@ -385,18 +389,9 @@ async def test_replaced_and_removed_plugins_stop_once_their_requests_finish(
             stack.__exit__(None, None, None)
 
 
-async def fifty_gets(client: aiohttp.ClientSession, url: str) -> list[int]:
-    statuses = []
-    for _ in range(50):
-        async with client.get(url) as resp:
-            statuses.append(resp.status)
-    return statuses
-
-
 async def young_collections(client: aiohttp.ClientSession, admin_port: int) -> float:
-    async with client.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
-        text = await resp.text()
-    found = re.search(r'meshgate_sidecar_gc_collections_total\{generation="0"\} (\S+)', text)
+    found = re.search(r'meshgate_sidecar_gc_collections_total\{generation="0"\} (\S+)',
+                      await metrics_text(client, admin_port))
     assert found is not None, "the sidecar's /metrics has no young-collection count"
     return float(found.group(1))
 
@@ -419,7 +414,7 @@ async def test_the_default_gc_threshold_makes_young_collections_rare_under_load(
                             aiohttp.ClientSession() as client):  # fmt: skip
                     before = await young_collections(client, sidecar.admin_port)
                     results = await asyncio.gather(
-                        *(fifty_gets(client, f"http://127.0.0.1:{port}/x") for _ in range(16)))
+                        *(gets(client, f"http://127.0.0.1:{port}/x", 50) for _ in range(16)))
                     assert {s for r in results for s in r} == {200}
                     collections[threshold] = (
                         await young_collections(client, sidecar.admin_port) - before)

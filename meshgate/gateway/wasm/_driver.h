@@ -727,23 +727,6 @@ finish_streams(PyObject *module, PyObject *streams)
     return errors != NULL ? errors : Py_NewRef(Py_None);
 }
 
-/* The streams of `lists` in finish_across's order, as one list: a new reference or NULL. */
-static PyObject *
-across(PyObject *lists, Py_ssize_t width)
-{
-    PyObject *out = PyList_New(0);
-    for (Py_ssize_t i = 0; out != NULL && i < width; i++)
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(lists); j++) {
-            PyObject *streams = PyList_GET_ITEM(lists, j);
-            if (i < PyList_GET_SIZE(streams) &&
-                PyList_Append(out, PyList_GET_ITEM(streams, i)) < 0) {
-                Py_CLEAR(out);
-                break;
-            }
-        }
-    return out;
-}
-
 /* finish_across(stream_lists): stream.finish_across_py, compiled. The closing batch's
  * order without the list the reference builds of it. */
 static PyObject *
@@ -762,11 +745,9 @@ finish_across(PyObject *module, PyObject *lists)
         PyErr_SetString(PyExc_TypeError, "finish_across(stream_lists: list of lists)");
         return NULL;
     }
-    if (d_wasm_trap == NULL) {
-        PyObject *streams = across(lists, width);
-        PyObject *errors = streams ? finish_streams(module, streams) : NULL;
-        Py_XDECREF(streams);
-        return errors;
+    if (d_wasm_trap == NULL) { /* stream.py configures the driver when it imports it */
+        PyErr_SetString(PyExc_RuntimeError, "the compiled driver is not configured");
+        return NULL;
     }
     PyObject *errors = NULL;
     for (Py_ssize_t i = 0; i < width; i++)

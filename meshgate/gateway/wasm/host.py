@@ -165,9 +165,26 @@ class PluginHost:
         """A stream context for one request. Drive it, then ``finish()`` it."""
         alive = self._ensure_vm()
         ctx = StreamContext(self._next_context_id, info or StreamInfo(), self.root)
+        self._number(ctx)
+        return HttpStream(self, ctx, self.generation if alive else -1)
+
+    def _number(self, ctx: StreamContext) -> None:
+        """``ctx`` takes the live VM's next context id and is one of its streams."""
+        ctx.id = self._next_context_id
         self._next_context_id += 1
         self.streams[ctx.id] = ctx
-        return HttpStream(self, ctx, self.generation if alive else -1)
+
+    def move_to_live_vm(self, ctx: StreamContext) -> bool:
+        """A stream context no callback has run for, opened on a VM that has trapped
+        since: numbered on the live VM (started if need be), as ``new_stream`` numbers a
+        new one. False if no VM can be started."""
+        if not self._ensure_vm():
+            return False
+        if self.streams.get(ctx.id) is ctx:  # still under the trapped VM's numbering
+            del self.streams[ctx.id]
+        ctx.root = self.root
+        self._number(ctx)
+        return True
 
     def _invoke(self, ctx: Context, export: str, *args: int) -> int | None:
         """Call a plugin callback with ``ctx`` as the current (and effective) context."""

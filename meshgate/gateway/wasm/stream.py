@@ -199,16 +199,9 @@ class HttpStream:
         data path opens a request's streams a loop pass before its request-headers
         callbacks run when it batches them (decision 3100), and a trap in between, in
         another request, must not fail this one. False if no VM can be started."""
-        host, ctx = self.host, self.ctx
-        if not host._ensure_vm():
+        if not self.host.move_to_live_vm(self.ctx):
             return False
-        if host.streams.get(ctx.id) is ctx:  # the trapped VM's numbering
-            del host.streams[ctx.id]
-        ctx.id = host._next_context_id
-        host._next_context_id += 1
-        ctx.root = host.root
-        host.streams[ctx.id] = ctx
-        self._generation = host.generation
+        self._generation = self.host.generation
         return True
 
     def _after_trap(self, callback: str, exc: WasmTrap) -> StreamAction:
